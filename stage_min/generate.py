@@ -1,0 +1,106 @@
+"""Autoregressive sampling over a delay-interleaved grid with classifier-free guidance.
+
+The whole loop stays on the device: sampling, guidance and forcing of known tokens (start step,
+delay gaps, a STAGE prefix) are tensor ops, so no value is read back to the host per step.
+"""
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from .model import MusicGenLM
+
+
+@dataclass
+class SamplingConfig:
+    cfg_coef: float = 3.0  # classifier-free guidance; 1 disables the unconditional half
+    top_k: int = 250  # 0 disables
+    top_p: float = 0.0  # 0 disables
+    temperature: float = 1.0
+
+    def check(self):
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top-k must be >= 0, got {self.top_k}")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError(f"top-p must be in [0, 1], got {self.top_p}")
+        if not self.cfg_coef >= 1:
+            raise ValueError(f"guidance coefficient must be >= 1, got {self.cfg_coef}")
+
+
+def sample(logits: torch.Tensor, sc: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (..., V) -> ids (...). top-k 1 is exactly greedy."""
+    if sc.top_k == 1:
+        return logits.argmax(-1)
+    logits = logits.float() / sc.temperature
+    if sc.top_k > 0:
+        kth = torch.topk(logits, min(sc.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if 0 < sc.top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the tokens above it already reach top_p (the first one always stays)
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) > sc.top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    # argmax(p / q) with q ~ Exp(1) draws from p without torch.multinomial's host sync
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / noise).argmax(-1)
+
+
+def guided(logits: torch.Tensor, n_cond: int, cfg_coef: float) -> torch.Tensor:
+    """[cond; uncond] logits -> uncond + (cond - uncond) * cfg_coef on raw logits."""
+    if logits.shape[0] == n_cond:
+        return logits
+    cond, uncond = logits[:n_cond], logits[n_cond:]
+    return uncond + (cond - uncond) * cfg_coef
+
+
+@torch.no_grad()
+def generate_tokens(
+    lm: MusicGenLM,
+    grid: torch.Tensor,
+    known: torch.Tensor,
+    text: torch.Tensor,
+    text_mask: torch.Tensor,
+    sc: SamplingConfig,
+    keep: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    step_fn=None,
+) -> torch.Tensor:
+    """Fill the unknown tokens of an interleaved grid.
+
+    grid (B, K, S): token ids, taken as given where `known` (B, K, S) is true (start step, gaps,
+    a prefix). text (B, L, dim) projected, text_mask (B, L). keep (R, P) marks the steps of the
+    prefilled part that exist, for all R rows of the guidance batch (R = 2B with guidance: the
+    conditional rows, then the unconditional ones). step_fn replaces lm.decode_step (a compiled one).
+    Returns the completed grid (B, K, S).
+    """
+    B, K, S = grid.shape
+    grid = grid.clone()
+    use_cfg = sc.cfg_coef != 1.0
+    rows = 2 * B if use_cfg else B
+    if use_cfg:  # the null condition: an all-zero text with no valid position
+        text = torch.cat([text, torch.zeros_like(text)])
+        text_mask = torch.cat([text_mask, torch.zeros_like(text_mask)])
+    unknown_steps = (~known).any(1).any(0).nonzero()
+    if len(unknown_steps) == 0:
+        return grid
+    first = int(unknown_steps[0])  # steps before this are given in every row: prefill them at once
+    if first == 0:
+        raise ValueError("step 0 (the start step) must be known")
+    step_fn = step_fn or lm.decode_step
+    lm.setup_cache(rows, S, text, text_mask)
+    try:
+        logits = lm.prefill(grid[:, :, :first].repeat(rows // B, 1, 1), keep)
+        positions = torch.arange(S, device=grid.device)
+        for s in tqdm(range(first, S), disable=not progress, desc="sampling", unit="step", leave=False):
+            next_ids = sample(guided(logits, B, sc.cfg_coef), sc, generator)
+            next_ids = torch.where(known[:, :, s], grid[:, :, s], next_ids)
+            grid[:, :, s] = next_ids
+            if s + 1 < S:
+                logits = step_fn(next_ids.repeat(rows // B, 1)[:, :, None], positions[s:s + 1])
+    finally:
+        lm.clear_cache()
+    return grid

@@ -1,0 +1,173 @@
+"""Weights in, weights out: model folders, the hub, and key remapping onto our module names.
+
+Every load is strict: a missing key, an unexpected key or a wrong shape raises `LoadError`
+naming it. Nothing is ever loaded partially.
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .model import LMConfig
+
+WEIGHTS_DIR = Path(os.environ.get("STAGE_MIN_WEIGHTS", Path(__file__).resolve().parents[1] / "weights"))
+HUB_FILES = ["*.json", "*.safetensors", "spiece.model"]
+
+
+class LoadError(Exception):
+    """A model could not be found or loaded; the message says what and where."""
+
+
+# ---- finding a model folder ---------------------------------------------------------------------
+def resolve_model_dir(name: str) -> Path:
+    """A local folder as is; a hub id ("facebook/musicgen-small") from weights/, else downloaded there."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise LoadError(f"{name} is a file; --model wants a folder or a hub id")
+    parts = name.split("/")
+    if len(parts) != 2 or name.startswith((".", "/", "~")) or not all(parts):
+        raise LoadError(f"model folder {name} not found")
+    local = WEIGHTS_DIR / parts[1]
+    if (local / "config.json").exists():
+        return local
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(repo_id=name, local_dir=local, allow_patterns=HUB_FILES)
+    except Exception as e:  # offline, unknown repo, gated, disk full: all end the same way
+        raise LoadError(
+            f"could not download {name} ({type(e).__name__}); when offline, put its files in {local} "
+            f"(huggingface-cli download {name} --local-dir {local})"
+        ) from None
+    return local
+
+
+# ---- reading files ------------------------------------------------------------------------------
+def _read_one(path: Path) -> dict:
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise LoadError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def read_state_dict(folder: Path) -> dict:
+    """The transformers layout: model.safetensors, sharded safetensors + index, or pytorch_model.bin."""
+    for single, index in [("model.safetensors", "model.safetensors.index.json"), ("pytorch_model.bin", "pytorch_model.bin.index.json")]:
+        if (folder / single).exists():
+            return _read_one(folder / single)
+        if (folder / index).exists():
+            weight_map = json.loads((folder / index).read_text())["weight_map"]
+            state = {}
+            for shard in sorted(set(weight_map.values())):
+                if not (folder / shard).exists():
+                    raise LoadError(f"{folder / index} names shard {shard}, which is missing")
+                state.update(_read_one(folder / shard))
+            return state
+    raise LoadError(f"no weights in {folder}: expected model.safetensors, sharded safetensors with an index, or pytorch_model.bin")
+
+
+def read_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        raise LoadError(f"{folder} has no config.json") from None
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{folder / 'config.json'} is not valid JSON ({e})") from None
+
+
+# ---- strict loading -----------------------------------------------------------------------------
+def load_strict(module: torch.nn.Module, state: dict, what: str, assign: bool = False):
+    """load_state_dict that names the first offending keys instead of a wall of text."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    for problems, label in [(missing, "missing key"), (unexpected, "unexpected key"), (wrong, "wrong shape for")]:
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise LoadError(f"{what}: {label} {problems[0]}{more}")
+    module.load_state_dict(state, strict=True, assign=assign)
+
+
+# ---- LM: transformers keys <-> ours -------------------------------------------------------------
+def hf_lm_key_table(cfg: LMConfig) -> list[tuple[str, list[str]]]:
+    """(our key, [transformers keys concatenated along dim 0 to make it])."""
+    d = "decoder.model.decoder."
+    table = [("text_proj.weight", ["enc_to_dec_proj.weight"]), ("text_proj.bias", ["enc_to_dec_proj.bias"])]
+    table += [(f"embed.{k}.weight", [f"{d}embed_tokens.{k}.weight"]) for k in range(cfg.n_codebooks)]
+    for i in range(cfg.n_layers):
+        o, h = f"layers.{i}.", f"{d}layers.{i}."
+        table += [
+            (o + "self_attn.qkv.weight", [h + f"self_attn.{p}_proj.weight" for p in "qkv"]),
+            (o + "self_attn.out.weight", [h + "self_attn.out_proj.weight"]),
+            (o + "cross_attn.q.weight", [h + "encoder_attn.q_proj.weight"]),
+            (o + "cross_attn.kv.weight", [h + "encoder_attn.k_proj.weight", h + "encoder_attn.v_proj.weight"]),
+            (o + "cross_attn.out.weight", [h + "encoder_attn.out_proj.weight"]),
+            (o + "ffn_in.weight", [h + "fc1.weight"]),
+            (o + "ffn_out.weight", [h + "fc2.weight"]),
+        ]
+        for ours, theirs in [("norm_self", "self_attn_layer_norm"), ("norm_cross", "encoder_attn_layer_norm"), ("norm_ffn", "final_layer_norm")]:
+            table += [(f"{o}{ours}.{p}", [f"{h}{theirs}.{p}"]) for p in ("weight", "bias")]
+    table += [(f"norm_out.{p}", [f"{d}layer_norm.{p}"]) for p in ("weight", "bias")]
+    table += [(f"heads.{k}.weight", [f"decoder.lm_heads.{k}.weight"]) for k in range(cfg.n_codebooks)]
+    return table
+
+
+def lm_state_from_hf(state: dict, cfg: LMConfig) -> dict:
+    """Pick the decoder + projection keys out of a full transformers MusicGen state dict."""
+    ours = {}
+    for key, sources in hf_lm_key_table(cfg):
+        missing = [s for s in sources if s not in state]
+        if missing:
+            raise LoadError(f"LM weights: missing key {missing[0]}")
+        ours[key] = torch.cat([state[s] for s in sources]) if len(sources) > 1 else state[sources[0]]
+    used = {s for _, sources in hf_lm_key_table(cfg) for s in sources}
+    extra = [k for k in state if k.startswith(("decoder.", "enc_to_dec_proj.")) and k not in used]
+    if extra:
+        raise LoadError(f"LM weights: unexpected key {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    return ours
+
+
+def lm_state_to_hf(state: dict, cfg: LMConfig) -> dict:
+    """Our LM keys -> transformers keys (splitting the fused projections)."""
+    out = {}
+    for key, targets in hf_lm_key_table(cfg):
+        for target, part in zip(targets, state[key].chunk(len(targets))):
+            out[target] = part.contiguous()
+    return out
+
+
+def lm_config_from_hf(config: dict) -> LMConfig:
+    dec = config.get("decoder")
+    if dec is None or "hidden_size" not in dec:
+        raise LoadError("config.json has no MusicGen 'decoder' section; is this a transformers MusicGen folder?")
+    if dec.get("audio_channels", 1) != 1:
+        raise LoadError("stereo MusicGen checkpoints are not supported (audio_channels != 1)")
+    if dec.get("activation_function", "gelu") != "gelu" or dec.get("scale_embedding", False):
+        raise LoadError("config.json describes a decoder variant this model does not implement")
+    return LMConfig(
+        dim=dec["hidden_size"], n_layers=dec["num_hidden_layers"], n_heads=dec["num_attention_heads"],
+        n_codebooks=dec["num_codebooks"], card=dec["vocab_size"], ffn_dim=dec["ffn_dim"],
+        text_dim=config.get("text_encoder", {}).get("d_model", 768),
+    )
+
+
+def submodule_state(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def renamed_weight_norm(state: dict, expected: dict) -> dict:
+    """Old files store weight norm as weight_g/weight_v; new modules as parametrizations.weight.original0/1."""
+    if not any(".parametrizations.weight." in k for k in expected):
+        return state
+    out = {}
+    for k, v in state.items():
+        k = k.replace(".weight_g", ".parametrizations.weight.original0").replace(".weight_v", ".parametrizations.weight.original1")
+        out[k] = v
+    return out

@@ -1,0 +1,40 @@
+"""Text conditioning: t5-base's sentencepiece tokenizer and transformers' T5 encoder.
+
+The projection to the decoder width lives in the LM (`MusicGenLM.text_proj`), because it is
+trained with it; this file only turns prompts into T5 hidden states and a padding mask.
+"""
+import sentencepiece as spm
+import torch
+from transformers import T5EncoderModel
+
+PAD_ID, EOS_ID = 0, 1  # t5's ids: pad 0, end-of-sequence 1
+
+
+class TextEncoder(torch.nn.Module):
+    def __init__(self, spiece_path: str, t5: T5EncoderModel, max_tokens: int = 256):
+        super().__init__()
+        self.sp = spm.SentencePieceProcessor(model_file=str(spiece_path))
+        self.t5 = t5.eval()
+        self.max_tokens = max_tokens
+
+    @property
+    def dim(self) -> int:
+        return self.t5.config.d_model
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> ids (B, L) right-padded with 0, mask (B, L) bool. Each ends with EOS."""
+        pieces = [self.sp.encode(p)[: self.max_tokens - 1] + [EOS_ID] for p in prompts]
+        L = max(len(p) for p in pieces)
+        ids = torch.full((len(prompts), L), PAD_ID, dtype=torch.long)
+        for i, p in enumerate(pieces):
+            ids[i, : len(p)] = torch.tensor(p)
+        return ids, ids != PAD_ID
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> T5 last hidden states (B, L, 768), mask (B, L)."""
+        ids, mask = self.tokenize(prompts)
+        device = next(self.t5.parameters()).device
+        ids, mask = ids.to(device), mask.to(device)
+        states = self.t5(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        return states, mask
