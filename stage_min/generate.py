@@ -69,38 +69,39 @@ def generate_tokens(
     progress: bool = False,
     step_fn=None,
 ) -> torch.Tensor:
-    """Fill the unknown tokens of an interleaved grid.
+    """Fill the unknown tokens of an interleaved grid; returns the B conditional rows (B, K, S).
 
-    grid (B, K, S): token ids, taken as given where `known` (B, K, S) is true (start step, gaps,
-    a prefix). text (B, L, dim) projected, text_mask (B, L). keep (R, P) marks the steps of the
-    prefilled part that exist, for all R rows of the guidance batch (R = 2B with guidance: the
-    conditional rows, then the unconditional ones). step_fn replaces lm.decode_step (a compiled one).
-    Returns the completed grid (B, K, S).
+    grid, known (R, K, S): token ids, taken as given where `known` is true (start step, delay gaps,
+    a prefix). R = B without guidance; with guidance R = 2B: the B conditional rows, then B
+    unconditional ones, each with its own given tokens (a STAGE context is blanked in the second
+    half) but sharing the sampled ones. text (B, L, dim) projected, text_mask (B, L): the
+    unconditional rows get the all-zero null text. keep (R, P): which of the first P steps exist
+    (P = the prefilled part), None for all. step_fn replaces lm.decode_step (e.g. a compiled one).
     """
-    B, K, S = grid.shape
+    R, K, S = grid.shape
+    B = text.shape[0]
+    if R not in (B, 2 * B) or (R == 2 * B) != (sc.cfg_coef != 1.0):
+        raise ValueError(f"grid has {R} rows for {B} prompts; expected {2 * B if sc.cfg_coef != 1.0 else B}")
     grid = grid.clone()
-    use_cfg = sc.cfg_coef != 1.0
-    rows = 2 * B if use_cfg else B
-    if use_cfg:  # the null condition: an all-zero text with no valid position
+    if R == 2 * B:  # the null condition: an all-zero text with no valid position
         text = torch.cat([text, torch.zeros_like(text)])
         text_mask = torch.cat([text_mask, torch.zeros_like(text_mask)])
     unknown_steps = (~known).any(1).any(0).nonzero()
     if len(unknown_steps) == 0:
-        return grid
+        return grid[:B]
     first = int(unknown_steps[0])  # steps before this are given in every row: prefill them at once
     if first == 0:
         raise ValueError("step 0 (the start step) must be known")
     step_fn = step_fn or lm.decode_step
-    lm.setup_cache(rows, S, text, text_mask)
+    lm.setup_cache(R, S, text, text_mask)
     try:
-        logits = lm.prefill(grid[:, :, :first].repeat(rows // B, 1, 1), keep)
+        logits = lm.prefill(grid[:, :, :first], None if keep is None else keep[:, :first])
         positions = torch.arange(S, device=grid.device)
         for s in tqdm(range(first, S), disable=not progress, desc="sampling", unit="step", leave=False):
-            next_ids = sample(guided(logits, B, sc.cfg_coef), sc, generator)
-            next_ids = torch.where(known[:, :, s], grid[:, :, s], next_ids)
-            grid[:, :, s] = next_ids
+            next_ids = sample(guided(logits, B, sc.cfg_coef), sc, generator).repeat(R // B, 1)
+            grid[:, :, s] = torch.where(known[:, :, s], grid[:, :, s], next_ids)
             if s + 1 < S:
-                logits = step_fn(next_ids.repeat(rows // B, 1)[:, :, None], positions[s:s + 1])
+                logits = step_fn(grid[:, :, s:s + 1], positions[s:s + 1])
     finally:
         lm.clear_cache()
-    return grid
+    return grid[:B]

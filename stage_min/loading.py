@@ -5,6 +5,7 @@ naming it. Nothing is ever loaded partially.
 """
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -143,7 +144,7 @@ def lm_state_to_hf(state: dict, cfg: LMConfig) -> dict:
     return out
 
 
-def lm_config_from_hf(config: dict) -> LMConfig:
+def lm_config_from_hf(config: dict, state: dict | None = None) -> LMConfig:
     dec = config.get("decoder")
     if dec is None or "hidden_size" not in dec:
         raise LoadError("config.json has no MusicGen 'decoder' section; is this a transformers MusicGen folder?")
@@ -151,11 +152,27 @@ def lm_config_from_hf(config: dict) -> LMConfig:
         raise LoadError("stereo MusicGen checkpoints are not supported (audio_channels != 1)")
     if dec.get("activation_function", "gelu") != "gelu" or dec.get("scale_embedding", False):
         raise LoadError("config.json describes a decoder variant this model does not implement")
+    # a STAGE checkpoint stores one more input row per codebook (the context token)
+    rows = state["decoder.model.decoder.embed_tokens.0.weight"].shape[0] if state and "decoder.model.decoder.embed_tokens.0.weight" in state else dec["vocab_size"] + 1
     return LMConfig(
         dim=dec["hidden_size"], n_layers=dec["num_hidden_layers"], n_heads=dec["num_attention_heads"],
         n_codebooks=dec["num_codebooks"], card=dec["vocab_size"], ffn_dim=dec["ffn_dim"],
-        text_dim=config.get("text_encoder", {}).get("d_model", 768),
+        text_dim=config.get("text_encoder", {}).get("d_model", 768), n_special=max(1, rows - dec["vocab_size"]),
     )
+
+
+def add_context_token(lm_state: dict, cfg: LMConfig) -> tuple[dict, LMConfig]:
+    """Turn a plain MusicGen LM state into a STAGE one: append the context token's row (id card+1)
+    to each codebook's embedding table. The row starts as the mean of that table's code rows: a
+    vector of typical norm and direction, so the pretrained layers see an in-distribution input
+    on the first fine-tuning step, rather than a random vector that could be far from every code."""
+    if cfg.n_special >= 2:
+        return lm_state, cfg
+    state = dict(lm_state)
+    for k in range(cfg.n_codebooks):
+        table = state[f"embed.{k}.weight"]
+        state[f"embed.{k}.weight"] = torch.cat([table, table[: cfg.card].mean(0, keepdim=True)])
+    return state, replace(cfg, n_special=2)
 
 
 def submodule_state(state: dict, prefix: str) -> dict:

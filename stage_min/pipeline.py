@@ -7,7 +7,7 @@ from transformers import EncodecConfig, EncodecModel, T5Config, T5EncoderModel
 from . import delay
 from .codec import Codec
 from .generate import SamplingConfig, generate_tokens
-from .loading import (LoadError, load_strict, lm_config_from_hf, lm_state_from_hf, read_config, read_state_dict,
+from .loading import (LoadError, add_context_token, load_strict, lm_config_from_hf, lm_state_from_hf, read_config, read_state_dict,
                       renamed_weight_norm, resolve_model_dir, submodule_state)
 from .model import MusicGenLM
 from .text import TextEncoder
@@ -27,14 +27,18 @@ class MusicGen(torch.nn.Module):
         return self.codec.sample_rate
 
     @classmethod
-    def from_pretrained(cls, name: str, device="cpu", dtype=torch.float32) -> "MusicGen":
-        """A transformers-layout folder or a hub id such as facebook/musicgen-small."""
+    def from_pretrained(cls, name: str, device="cpu", dtype=torch.float32, stage: bool = False) -> "MusicGen":
+        """A transformers-layout folder or a hub id such as facebook/musicgen-small. With `stage`,
+        a plain MusicGen gets the STAGE context token (a STAGE checkpoint already has it)."""
         folder = resolve_model_dir(name)
         config, state = read_config(folder), read_state_dict(folder)
-        cfg = lm_config_from_hf(config)
+        cfg = lm_config_from_hf(config, state)
+        lm_state = lm_state_from_hf(state, cfg)
+        if stage:
+            lm_state, cfg = add_context_token(lm_state, cfg)
         with torch.device("meta"):  # no random init of weights that are overwritten anyway
             lm = MusicGenLM(cfg)
-        load_strict(lm, lm_state_from_hf(state, cfg), "LM weights", assign=True)
+        load_strict(lm, lm_state, "LM weights", assign=True)
         return cls(lm, load_text_encoder(folder, config, state), load_codec(config, state)).to(device, dtype).eval()
 
     def text_condition(self, prompts: list[str]):
@@ -50,10 +54,10 @@ class MusicGen(torch.nn.Module):
         sampling = sampling or SamplingConfig()
         sampling.check()
         K, special = self.lm.cfg.n_codebooks, self.lm.cfg.special_id
-        B = len(prompts)
+        R = len(prompts) * (2 if sampling.cfg_coef != 1.0 else 1)  # rows: conditional (+ unconditional)
         valid = delay.valid_mask(K, n_frames, self.device)
-        grid = torch.full((B, K, n_frames + K), special, dtype=torch.long, device=self.device)
-        known = ~valid.expand(B, K, n_frames + K)  # the start step and the delay gaps are given
+        grid = torch.full((R, K, n_frames + K), special, dtype=torch.long, device=self.device)
+        known = ~valid.expand(R, K, n_frames + K)  # the start step and the delay gaps are given
         text, text_mask = self.text_condition(prompts)
         generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
         grid = generate_tokens(self.lm, grid, known, text, text_mask, sampling, generator=generator, progress=progress)
