@@ -188,3 +188,53 @@ def renamed_weight_norm(state: dict, expected: dict) -> dict:
         k = k.replace(".weight_g", ".parametrizations.weight.original0").replace(".weight_v", ".parametrizations.weight.original1")
         out[k] = v
     return out
+
+
+# ---- our native layout --------------------------------------------------------------------------
+# A folder with config.json {"format": "stage_min", "lm": {LMConfig fields}, "base": ...} and
+# model.safetensors holding our LM keys under "lm.". The T5 encoder, EnCodec and spiece.model come
+# from "base", a transformers-layout folder or hub id, unless the folder holds them itself
+# ("text_encoder.*" / "audio_encoder.*" keys plus spiece.model and their configs in config.json).
+NATIVE_FORMAT = "stage_min"
+
+
+def is_native(config: dict) -> bool:
+    return config.get("format") == NATIVE_FORMAT
+
+
+def lm_config_from_native(config: dict) -> LMConfig:
+    fields = config.get("lm")
+    if not isinstance(fields, dict):
+        raise LoadError("native config.json has no 'lm' section")
+    try:
+        return LMConfig(**fields)
+    except TypeError as e:
+        raise LoadError(f"native config.json 'lm' section does not fit this version: {e}") from None
+
+
+def write_atomic(path: Path, write):
+    """write(tmp_path) then rename onto path, so a crash never leaves a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_native(folder, lm_state: dict, cfg: LMConfig, base: str | None, extra: dict | None = None,
+                more_weights: dict | None = None, more_config: dict | None = None):
+    """Write an LM (and optionally T5/EnCodec weights) in our layout. `extra` goes into config.json
+    (training step, etc.). Each file is written to a temporary name and renamed."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"lm.{k}": v.detach().contiguous().cpu() for k, v in lm_state.items()}
+    tensors.update({k: v.detach().contiguous().cpu() for k, v in (more_weights or {}).items()})
+    config = {"format": NATIVE_FORMAT, "lm": asdict(cfg), "base": base, **(more_config or {}), **(extra or {})}
+    write_atomic(folder / "model.safetensors", lambda p: save_file(tensors, str(p)))
+    write_atomic(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))

@@ -7,7 +7,7 @@ from transformers import EncodecConfig, EncodecModel, T5Config, T5EncoderModel
 from . import delay
 from .codec import Codec
 from .generate import SamplingConfig, generate_tokens
-from .loading import (LoadError, add_context_token, load_strict, lm_config_from_hf, lm_state_from_hf, read_config, read_state_dict,
+from .loading import (LoadError, add_context_token, is_native, lm_config_from_native, load_strict, lm_config_from_hf, lm_state_from_hf, read_config, read_state_dict,
                       renamed_weight_norm, resolve_model_dir, submodule_state)
 from .model import MusicGenLM
 from .text import TextEncoder
@@ -32,8 +32,17 @@ class MusicGen(torch.nn.Module):
         a plain MusicGen gets the STAGE context token (a STAGE checkpoint already has it)."""
         folder = resolve_model_dir(name)
         config, state = read_config(folder), read_state_dict(folder)
-        cfg = lm_config_from_hf(config, state)
-        lm_state = lm_state_from_hf(state, cfg)
+        if is_native(config):
+            cfg = lm_config_from_native(config)
+            lm_state = submodule_state(state, "lm.")
+            if "text_encoder" not in config or "audio_encoder" not in config:  # T5 + EnCodec come from the base model
+                if not config.get("base"):
+                    raise LoadError(f"{folder}/config.json names no base model for the text encoder and codec")
+                folder = resolve_model_dir(config["base"])
+                config, state = read_config(folder), read_state_dict(folder)
+        else:
+            cfg = lm_config_from_hf(config, state)
+            lm_state = lm_state_from_hf(state, cfg)
         if stage:
             lm_state, cfg = add_context_token(lm_state, cfg)
         with torch.device("meta"):  # no random init of weights that are overwritten anyway

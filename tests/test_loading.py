@@ -122,3 +122,19 @@ def test_hub_id_offline_says_where_to_put_files(tmp_path, monkeypatch):
     msg = str(err.value)
     assert "could not download facebook/musicgen-small" in msg and str(tmp_path / "weights" / "musicgen-small") in msg
     assert "huggingface-cli download" in msg
+
+
+def test_native_layout_round_trip_and_context_token(tiny_hf, tmp_path):
+    from stage_min.loading import save_native
+
+    plain = MusicGen.from_pretrained(str(tiny_hf[0]))
+    stage = MusicGen.from_pretrained(str(tiny_hf[0]), stage=True)
+    assert plain.lm.cfg.vocab_in == 2049 and stage.lm.cfg.vocab_in == 2050
+    table = stage.lm.embed[0].weight
+    assert torch.equal(table[:2049], plain.lm.embed[0].weight)  # old rows untouched
+    assert torch.allclose(table[2049], plain.lm.embed[0].weight[:2048].mean(0))  # new row: mean of the code rows
+    save_native(tmp_path / "run", stage.lm.state_dict(), stage.lm.cfg, base=str(tiny_hf[0]), extra={"step": 7})
+    again = MusicGen.from_pretrained(str(tmp_path / "run"))
+    assert again.lm.cfg == stage.lm.cfg
+    assert torch.equal(reference_logits(again), reference_logits(stage))
+    assert not list((tmp_path / "run").glob(".*tmp"))  # no temporary file left behind
