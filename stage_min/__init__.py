@@ -1,0 +1,1 @@
+"""stage_min: MusicGen from scratch, turned into STAGE (stem accompaniment generation)."""
