@@ -17,7 +17,7 @@ class Codec(torch.nn.Module):
             self.hop *= r
         self.frame_rate = self.sample_rate / self.hop
         self.bandwidth = max(cfg.target_bandwidths)  # 2.2 kbps = 4 codebooks at 32 kHz
-        self.n_codebooks = cfg.num_quantizers if hasattr(cfg, "num_quantizers") else 4
+        self.n_codebooks = cfg.num_quantizers
         self.card = cfg.codebook_size
 
     @torch.no_grad()

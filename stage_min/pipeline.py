@@ -10,6 +10,7 @@ from .generate import SamplingConfig, generate_tokens
 from .loading import (LoadError, add_context_token, is_native, lm_config_from_native, load_strict, lm_config_from_hf, lm_state_from_hf, read_config, read_state_dict,
                       renamed_weight_norm, resolve_model_dir, submodule_state)
 from .model import MusicGenLM
+from .stage import generation_rows
 from .text import TextEncoder
 
 
@@ -43,12 +44,15 @@ class MusicGen(torch.nn.Module):
         else:
             cfg = lm_config_from_hf(config, state)
             lm_state = lm_state_from_hf(state, cfg)
-        if stage:
+        context_token_added = stage and cfg.n_special < 2
+        if context_token_added:
             lm_state, cfg = add_context_token(lm_state, cfg)
         with torch.device("meta"):  # no random init of weights that are overwritten anyway
             lm = MusicGenLM(cfg)
         load_strict(lm, lm_state, "LM weights", assign=True)
-        return cls(lm, load_text_encoder(folder, config, state), load_codec(config, state)).to(device, dtype).eval()
+        model = cls(lm, load_text_encoder(folder, config, state), load_codec(config, state)).to(device, dtype).eval()
+        model.context_token_added = context_token_added  # an untrained row: the stem will not follow a context
+        return model
 
     def text_condition(self, prompts: list[str]):
         """Prompts -> projected text states (B, L, dim) and mask (B, L)."""
@@ -67,11 +71,46 @@ class MusicGen(torch.nn.Module):
         valid = delay.valid_mask(K, n_frames, self.device)
         grid = torch.full((R, K, n_frames + K), special, dtype=torch.long, device=self.device)
         known = ~valid.expand(R, K, n_frames + K)  # the start step and the delay gaps are given
+        codes = delay.deinterleave(self._fill(prompts, grid, known, None, sampling, seed, progress))
+        return self.codec.decode(codes).float(), codes
+
+    def _fill(self, prompts, grid, known, keep, sampling, seed, progress):
+        """Text-condition and sample the unknown tokens of the grid (see generate_tokens)."""
         text, text_mask = self.text_condition(prompts)
         generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
-        grid = generate_tokens(self.lm, grid, known, text, text_mask, sampling, generator=generator, progress=progress)
-        codes = delay.deinterleave(grid)
-        return self.codec.decode(codes).float(), codes
+        return generate_tokens(self.lm, grid, known, text, text_mask, sampling, keep=keep, generator=generator, progress=progress)
+
+
+    @torch.no_grad()
+    def accompany(self, contexts: list[torch.Tensor], prompts: list[str], n_frames: int,
+                  sampling: SamplingConfig | None = None, seed: int | None = None,
+                  progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """STAGE: one stem per context (mono audio at `sample_rate`, any lengths), each `n_frames`
+        long and time-aligned with its context (stem frame t plays with context frame t).
+        Contexts are encoded, cut to the stem's length, left-padded to a common length.
+        Returns stem audio (B, 1, samples) in fp32 and codes (B, K, n_frames)."""
+        if self.lm.cfg.n_special < 2:
+            raise ValueError("this model has no context token; load it with stage=True or use a STAGE checkpoint")
+        sampling = sampling or SamplingConfig()
+        sampling.check()
+        cfg = self.lm.cfg
+        codes = [self.encode_context(c)[:, :, :n_frames] for c in contexts]
+        lengths = torch.tensor([c.shape[-1] for c in codes], device=self.device)
+        context = torch.stack([torch.nn.functional.pad(c[0], (int(lengths.max()) - c.shape[-1], 0), value=cfg.special_id) for c in codes])
+        grid, known, keep, C = generation_rows(context, lengths, n_frames, cfg.special_id, cfg.context_id,
+                                               guidance=sampling.cfg_coef != 1.0)
+        grid = self._fill(prompts, grid, known, keep, sampling, seed, progress)
+        stem_codes = delay.deinterleave(grid)[:, :, C + 1:]  # drop the context and separator frames
+        return self.codec.decode(stem_codes).float(), stem_codes
+
+    def encode_context(self, audio: torch.Tensor) -> torch.Tensor:
+        """Mono audio (samples,) -> codes (1, K, frames); cut to whole frames first."""
+        hop = self.codec.hop
+        audio = torch.as_tensor(audio, dtype=torch.float32)[: (audio.shape[-1] // hop) * hop]
+        if audio.numel() == 0:
+            raise ValueError(f"context shorter than one frame ({hop} samples)")
+        dtype = next(self.codec.parameters()).dtype
+        return self.codec.encode(audio.to(self.device, dtype)[None, None])
 
 
 def load_text_encoder(folder: Path, config: dict, state: dict) -> TextEncoder:

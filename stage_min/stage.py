@@ -61,7 +61,15 @@ def build_sequence(
     return StageSequence(grid=grid, keep=keep, known=~target_mask, target=target_mask, n_context=C)
 
 
-def guidance_rows(seq_cond: StageSequence, seq_uncond: StageSequence) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stack conditional and unconditional rows (grid, known, keep) for generate_tokens."""
-    return (torch.cat([seq_cond.grid, seq_uncond.grid]), torch.cat([seq_cond.known, seq_uncond.known]),
-            torch.cat([seq_cond.keep, seq_uncond.keep]))
+def generation_rows(context: torch.Tensor, context_lengths: torch.Tensor, n_target: int, special: int,
+                    context_id: int, guidance: bool):
+    """Grid, known tokens and keep mask for generate_tokens. With guidance, the conditional rows are
+    followed by unconditional ones that drop the context (blanked and removed from attention) but
+    keep the separator; their text is dropped by generate_tokens. Returns (grid, known, keep, C)."""
+    seq = build_sequence(context, None, n_target, special, context_id, context_lengths)
+    if not guidance:
+        return seq.grid, seq.known, seq.keep, seq.n_context
+    dropped = torch.ones(context.shape[0], dtype=torch.bool, device=context.device)
+    null = build_sequence(context, None, n_target, special, context_id, context_lengths, dropped)
+    return (torch.cat([seq.grid, null.grid]), torch.cat([seq.known, null.known]),
+            torch.cat([seq.keep, null.keep]), seq.n_context)

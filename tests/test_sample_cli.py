@@ -28,7 +28,7 @@ def test_text_to_music_writes_one_second_wav(tiny_hf, tmp_path):
         (["--temperature", "0"], "temperature must be > 0"),
         (["--top-k", "-1"], "top-k must be >= 0"),
         (["--top-p", "1.5"], "top-p must be in [0, 1]"),
-        (["--duration", "0"], "--duration must be in"),
+        (["--duration", "0"], "--duration must be > 0"),
         (["--model", "/no/such/folder"], "model folder /no/such/folder not found"),
         (["--out", "/no/such/dir/x.wav"], "does not exist"),
     ],
