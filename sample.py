@@ -97,13 +97,15 @@ def plan_frames(args, context: np.ndarray | None) -> tuple[int, int]:
         return max(1, round(seconds * FRAME_RATE)), 0
     context_frames = len(context) // (SAMPLE_RATE // FRAME_RATE)
     if args.duration is None:  # as long as the context, as much as fits next to it
-        n_frames = min(context_frames, (MAX_FRAMES - 1) // 2)
+        n_frames = kept = min(context_frames, (MAX_FRAMES - 1) // 2)
+        cut = kept < context_frames
     else:
         n_frames = max(1, round(args.duration * FRAME_RATE))
         if n_frames > MAX_FRAMES - 2:
             raise ValueError(f"--duration at most {(MAX_FRAMES - 2) / FRAME_RATE:g} s with a context, got {args.duration:g}")
-    kept = min(context_frames, n_frames, MAX_FRAMES - 1 - n_frames)
-    if kept < min(context_frames, n_frames):
+        kept = min(context_frames, n_frames, MAX_FRAMES - 1 - n_frames)
+        cut = kept < min(context_frames, n_frames)  # a context longer than the stem is not needed: no warning
+    if cut:
         print(f"warning: the context is {context_frames / FRAME_RATE:.2f} s; the model takes {MAX_FRAMES / FRAME_RATE:g} s "
               f"of context + stem: kept its first {kept / FRAME_RATE:.2f} s for a {n_frames / FRAME_RATE:.2f} s stem",
               file=sys.stderr)
