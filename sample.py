@@ -43,16 +43,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def sampling_config(args):
+    from stage_min.generate import SamplingConfig
+
+    return SamplingConfig(cfg_coef=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
+
+
 def check_options(args):
     """Everything that can be checked without loading a model, so that bad input fails at once."""
-    if not args.temperature > 0:
-        raise ValueError(f"--temperature must be > 0, got {args.temperature:g}")
-    if args.top_k < 0:
-        raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
-    if not 0 <= args.top_p <= 1:
-        raise ValueError(f"--top-p must be in [0, 1], got {args.top_p:g}")
-    if not args.cfg >= 1:
-        raise ValueError(f"--cfg must be >= 1, got {args.cfg:g}")
+    sampling_config(args).check()
     if args.duration is not None and not args.duration > 0:
         raise ValueError(f"--duration must be > 0 seconds, got {args.duration:g}")
     if args.bpm is not None and not args.bpm > 0:
@@ -119,13 +118,12 @@ def run(args):
 
     import torch  # heavy imports only once the input is known to be good
 
-    from stage_min.generate import SamplingConfig
     from stage_min.pipeline import MusicGen
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but no CUDA device is available")
-    sampling = SamplingConfig(cfg_coef=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
+    sampling = sampling_config(args)
     model = MusicGen.from_pretrained(args.model, device=device, dtype=getattr(torch, args.dtype), stage=context is not None)
     if context is None:
         audio, _ = model.generate([args.prompt], n_frames, sampling, seed=args.seed, progress=True)
