@@ -129,6 +129,8 @@ def lm_state_from_hf(state: dict, cfg: LMConfig) -> dict:
             raise LoadError(f"LM weights: missing key {missing[0]}")
         ours[key] = torch.cat([state[s] for s in sources]) if len(sources) > 1 else state[sources[0]]
     used = {s for _, sources in hf_lm_key_table(cfg) for s in sources}
+    # files saved by older transformers store the fixed sinusoid table as a parameter: recomputed here
+    used.add("decoder.model.decoder.embed_positions.weights")
     extra = [k for k in state if k.startswith(("decoder.", "enc_to_dec_proj.")) and k not in used]
     if extra:
         raise LoadError(f"LM weights: unexpected key {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))

@@ -127,6 +127,10 @@ def load_text_encoder(folder: Path, config: dict, state: dict) -> TextEncoder:
 
 def load_codec(config: dict, state: dict) -> Codec:
     model = EncodecModel(EncodecConfig.from_dict(config["audio_encoder"]))
-    sub = renamed_weight_norm(submodule_state(state, "audio_encoder."), model.state_dict())
+    expected = model.state_dict()
+    sub = renamed_weight_norm(submodule_state(state, "audio_encoder."), expected)
+    for key in expected:  # the codebooks' EMA statistics only matter for training the codec: keep defaults if absent
+        if key.endswith((".codebook.inited", ".codebook.cluster_size", ".codebook.embed_avg")) and key not in sub:
+            sub[key] = expected[key]
     load_strict(model, sub, "codec (EnCodec) weights")
     return Codec(model)

@@ -71,6 +71,16 @@ def test_old_weight_norm_names_are_accepted(tiny_hf, tmp_path):
     assert torch.equal(MusicGen.from_pretrained(str(folder)).codec.encode(audio), new.encode(audio))
 
 
+def test_tolerated_differences_of_older_hub_files(tiny_hf, tmp_path):
+    def older(state):
+        state["decoder.model.decoder.embed_positions.weights"] = torch.zeros(2048, 64)
+        for k in [k for k in state if k.endswith((".codebook.cluster_size", ".codebook.embed_avg", ".codebook.inited"))]:
+            del state[k]
+
+    folder = copy_with_state(tiny_hf[0], tmp_path / "older", older)
+    assert torch.equal(reference_logits(MusicGen.from_pretrained(str(folder))), reference_logits(MusicGen.from_pretrained(str(tiny_hf[0]))))
+
+
 def test_missing_pieces(tiny_hf, tmp_path):
     with pytest.raises(LoadError, match="not found"):
         MusicGen.from_pretrained(str(tmp_path / "nowhere"))
