@@ -380,11 +380,16 @@ def _read_stage(path: Path, t5) -> Checkpoint:
 
 
 # ---- writing ----------------------------------------------------------------------------------------
-def _write_folder(dst: Path, fill):
-    """fill(tmp_folder), then rename it to dst: a failure never leaves a half-written dst."""
+def check_new_folder(dst):
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise LoadError(f"{dst} already exists and is not an empty folder; choose a new output path")
+
+
+def _write_folder(dst: Path, fill):
+    """fill(tmp_folder), then rename it to dst: a failure never leaves a half-written dst."""
+    dst = Path(dst)
+    check_new_folder(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
