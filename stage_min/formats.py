@@ -407,6 +407,7 @@ def _parts(model) -> tuple[dict, dict, bytes]:
     weights = {f"text_encoder.{k}": v for k, v in t5.state_dict().items()}
     weights.update({f"audio_encoder.{k}": v for k, v in codec.state_dict().items()})
     weights = {k: v.detach().float().cpu().contiguous() for k, v in weights.items()}
+    weights.pop("text_encoder.encoder.embed_tokens.weight", None)  # tied to text_encoder.shared.weight: stored once
     configs = {"text_encoder": t5.config.to_dict(), "audio_encoder": codec.config.to_dict()}
     return weights, configs, model.text_encoder.sp.serialized_model_proto()
 
@@ -436,7 +437,6 @@ def export_hf(model, dst):
                         "context token or masking, which transformers' MusicGen lacks); use --to native")
     weights, configs, spiece = _parts(model)
     weights.update({k: v.detach().float().cpu().contiguous() for k, v in lm_state_to_hf(model.lm.state_dict(), cfg).items()})
-    weights.pop("text_encoder.encoder.embed_tokens.weight", None)  # tied to text_encoder.shared.weight: stored once
     decoder = MusicgenDecoderConfig(vocab_size=cfg.card, hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers,
                                     num_attention_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim, num_codebooks=cfg.n_codebooks)
     config = MusicgenConfig(text_encoder=configs["text_encoder"], audio_encoder=configs["audio_encoder"], decoder=decoder.to_dict())
