@@ -28,6 +28,9 @@ class LMConfig:
     text_dim: int = 768  # t5-base hidden size
     ffn_dim: int = 0  # 0 means 4 * dim
     norm_eps: float = 1e-5
+    # Two ways the official STAGE checkpoints (x-transformers) differ from MusicGen; both off for MusicGen.
+    zero_special_row: bool = False  # the special token's embedding row is zero and stays zero (padding_idx)
+    attend_start_step: bool = True  # False: step 0, the all-special start step, is never attended to
 
     def __post_init__(self):
         if self.ffn_dim == 0:
@@ -75,6 +78,13 @@ def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
     freqs = torch.exp(torch.arange(half, device=positions.device, dtype=torch.float32) * (-math.log(10000.0) / (half - 1)))
     phase = positions.float().unsqueeze(-1) * freqs
     return torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1)
+
+
+def without_start_step(keep: torch.Tensor | None, B: int, S: int, device) -> torch.Tensor:
+    """`keep` with step 0 removed (STAGE masks the start step, which holds no code)."""
+    keep = torch.ones(B, S, dtype=torch.bool, device=device) if keep is None else keep.clone()
+    keep[:, 0] = False
+    return keep
 
 
 def positions_from_keep(keep: torch.Tensor) -> torch.Tensor:
@@ -166,7 +176,8 @@ class MusicGenLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.text_proj = nn.Linear(cfg.text_dim, cfg.dim)  # t5 hidden -> model width (with bias)
-        self.embed = nn.ModuleList([nn.Embedding(cfg.vocab_in, cfg.dim) for _ in range(cfg.n_codebooks)])
+        pad_row = cfg.special_id if cfg.zero_special_row else None
+        self.embed = nn.ModuleList([nn.Embedding(cfg.vocab_in, cfg.dim, padding_idx=pad_row) for _ in range(cfg.n_codebooks)])
         self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
         self.norm_out = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.heads = nn.ModuleList([nn.Linear(cfg.dim, cfg.card, bias=False) for _ in range(cfg.n_codebooks)])
@@ -209,6 +220,8 @@ class MusicGenLM(nn.Module):
         """codes (B, K, S) interleaved ids; text (B, L, dim) projected; text_mask (B, L) bool;
         keep (B, S) bool or None. Returns logits (B, K, S, card): step s predicts step s+1."""
         B, K, S = codes.shape
+        if not self.cfg.attend_start_step:
+            keep = without_start_step(keep, B, S, codes.device)
         if keep is None:
             positions = torch.arange(S, device=codes.device).expand(B, S)
             self_mask = None  # plain causal
@@ -261,6 +274,9 @@ class MusicGenLM(nn.Module):
         if keep is not None:
             self.cache_keep[:, :P] = keep
             self.n_dropped.copy_((~keep).sum(-1))
+        if not self.cfg.attend_start_step:
+            self.cache_keep[:, :P] = without_start_step(self.cache_keep[:, :P], B, P, codes.device)
+            self.n_dropped.copy_((~self.cache_keep[:, :P]).sum(-1))
         positions = positions_from_keep(self.cache_keep[:, :P])
         x = self._cached(codes, torch.arange(P, device=codes.device), positions)
         return self._logits(x[:, -1:])[:, :, 0]

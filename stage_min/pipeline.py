@@ -7,8 +7,8 @@ from transformers import EncodecConfig, EncodecModel, T5Config, T5EncoderModel
 from . import delay
 from .codec import Codec
 from .generate import SamplingConfig, generate_tokens
-from .loading import (LoadError, add_context_token, is_native, lm_config_from_native, load_strict, lm_config_from_hf, lm_state_from_hf, read_config, read_state_dict,
-                      renamed_weight_norm, resolve_model_dir, submodule_state)
+from .formats import read_checkpoint
+from .loading import LoadError, add_context_token, load_strict, renamed_weight_norm, submodule_state
 from .model import MusicGenLM
 from .stage import generation_rows
 from .text import TextEncoder
@@ -28,29 +28,21 @@ class MusicGen(torch.nn.Module):
         return self.codec.sample_rate
 
     @classmethod
-    def from_pretrained(cls, name: str, device="cpu", dtype=torch.float32, stage: bool = False) -> "MusicGen":
-        """A transformers-layout folder or a hub id such as facebook/musicgen-small. With `stage`,
-        a plain MusicGen gets the STAGE context token (a STAGE checkpoint already has it)."""
-        folder = resolve_model_dir(name)
-        config, state = read_config(folder), read_state_dict(folder)
-        if is_native(config):
-            cfg = lm_config_from_native(config)
-            lm_state = submodule_state(state, "lm.")
-            if "text_encoder" not in config or "audio_encoder" not in config:  # T5 + EnCodec come from the base model
-                if not config.get("base"):
-                    raise LoadError(f"{folder}/config.json names no base model for the text encoder and codec")
-                folder = resolve_model_dir(config["base"])
-                config, state = read_config(folder), read_state_dict(folder)
-        else:
-            cfg = lm_config_from_hf(config, state)
-            lm_state = lm_state_from_hf(state, cfg)
+    def from_pretrained(cls, name: str, device="cpu", dtype=torch.float32, stage: bool = False, t5: str | None = None) -> "MusicGen":
+        """Any checkpoint layout (formats.py): a transformers, stage_min or audiocraft folder, an official
+        STAGE checkpoint file, or a hub id such as facebook/musicgen-small. `t5`: t5-base's folder or hub
+        id, for the layouts that do not bundle it. With `stage`, a plain MusicGen gets the STAGE context
+        token (a STAGE checkpoint already has it)."""
+        ckpt = read_checkpoint(name, t5=t5)
+        lm_state, cfg = ckpt.lm_state, ckpt.lm_cfg
         context_token_added = stage and cfg.n_special < 2
         if context_token_added:
             lm_state, cfg = add_context_token(lm_state, cfg)
         with torch.device("meta"):  # no random init of weights that are overwritten anyway
             lm = MusicGenLM(cfg)
         load_strict(lm, lm_state, "LM weights", assign=True)
-        model = cls(lm, load_text_encoder(folder, config, state), load_codec(config, state)).to(device, dtype).eval()
+        text_encoder = load_text_encoder(ckpt.spiece_dir, ckpt.config, ckpt.state)
+        model = cls(lm, text_encoder, load_codec(ckpt.config, ckpt.state)).to(device, dtype).eval()
         model.context_token_added = context_token_added  # an untrained row: the stem will not follow a context
         return model
 
