@@ -32,7 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--offset", type=float, default=0.0, help="click track: time of the first click in seconds")
     p.add_argument("--mix-out", help="also write context + stem, as long as the stem")
     p.add_argument("--duration", type=float, help="seconds to generate (default: the context's length; 5 s for text alone)")
-    p.add_argument("--model", default="facebook/musicgen-small", help="model folder or hub id")
+    p.add_argument("--model", default="facebook/musicgen-small", help="model folder, checkpoint file or hub id")
+    p.add_argument("--t5", default=None, help="t5-base folder or hub id, for audiocraft / official STAGE checkpoints")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance coefficient (1 = off)")
     p.add_argument("--top-k", type=int, default=250, help="sample from the k most likely codes (0 = off)")
     p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold (0 = off)")
@@ -124,7 +125,7 @@ def run(args):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but no CUDA device is available")
     sampling = sampling_config(args)
-    model = MusicGen.from_pretrained(args.model, device=device, dtype=getattr(torch, args.dtype), stage=context is not None)
+    model = MusicGen.from_pretrained(args.model, device=device, dtype=getattr(torch, args.dtype), stage=context is not None, t5=args.t5)
     if context is None:
         audio, _ = model.generate([args.prompt], n_frames, sampling, seed=args.seed, progress=True)
     else:
