@@ -34,6 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first call)")
     return p.parse_args(argv)
 
 
@@ -47,7 +48,7 @@ def run(args):
         raise ValueError("--device cuda asked for, but no CUDA device is available")
     model = MusicGen.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     n_frames = max(1, round(args.duration * model.codec.frame_rate))
-    audio, _ = model.generate([args.prompt], n_frames, sampling, seed=args.seed, progress=True)
+    audio, _ = model.generate([args.prompt], n_frames, sampling, seed=args.seed, progress=True, compile=args.compile)
     save_audio(args.out, audio[0, 0].cpu().numpy(), model.sample_rate)
     print(f"wrote {args.out}: {audio.shape[-1] / model.sample_rate:.2f} s at {model.sample_rate} Hz")
 

@@ -6,7 +6,7 @@ from transformers import EncodecConfig, EncodecModel, T5Config, T5EncoderModel
 
 from . import delay
 from .codec import Codec
-from .generate import SamplingConfig, generate_tokens
+from .generate import SamplingConfig, compiled_step, generate_tokens
 from .loading import (LoadError, add_context_token, is_native, lm_config_from_native, load_strict, lm_config_from_hf, lm_state_from_hf, read_config, read_state_dict,
                       renamed_weight_norm, resolve_model_dir, submodule_state)
 from .model import MusicGenLM
@@ -48,7 +48,9 @@ class MusicGen(torch.nn.Module):
         with torch.device("meta"):  # no random init of weights that are overwritten anyway
             lm = MusicGenLM(cfg)
         load_strict(lm, lm_state, "LM weights", assign=True)
-        return cls(lm, load_text_encoder(folder, config, state), load_codec(config, state)).to(device, dtype).eval()
+        model = cls(lm, load_text_encoder(folder, config, state), load_codec(config, state)).to(device).eval()
+        model.lm.to(dtype)  # only the LM: T5 overflows in fp16, and the codec is run once, so both stay fp32
+        return model
 
     def text_condition(self, prompts: list[str]):
         """Prompts -> projected text states (B, L, dim) and mask (B, L)."""
@@ -58,8 +60,9 @@ class MusicGen(torch.nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts: list[str], n_frames: int, sampling: SamplingConfig | None = None,
-                 seed: int | None = None, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text-to-music. Returns audio (B, 1, samples) in fp32 and codes (B, K, n_frames)."""
+                 seed: int | None = None, progress: bool = False, compile: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text-to-music. Returns audio (B, 1, samples) in fp32 and codes (B, K, n_frames).
+        compile: torch.compile the decode step (pays from the second generation of the same size)."""
         sampling = sampling or SamplingConfig()
         sampling.check()
         K, special = self.lm.cfg.n_codebooks, self.lm.cfg.special_id
@@ -69,7 +72,9 @@ class MusicGen(torch.nn.Module):
         known = ~valid.expand(R, K, n_frames + K)  # the start step and the delay gaps are given
         text, text_mask = self.text_condition(prompts)
         generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
-        grid = generate_tokens(self.lm, grid, known, text, text_mask, sampling, generator=generator, progress=progress)
+        step_fn = compiled_step(self.lm) if compile else None
+        grid = generate_tokens(self.lm, grid, known, text, text_mask, sampling, generator=generator, progress=progress,
+                               step_fn=step_fn, free_cache=not compile)
         codes = delay.deinterleave(grid)
         return self.codec.decode(codes).float(), codes
 
