@@ -14,6 +14,7 @@ Prints one JSON line per run.
 import argparse
 import json
 import resource
+import sys
 import time
 
 import torch
@@ -123,33 +124,42 @@ def main():
     grid = torch.full((2, K, S), preset.special_id, dtype=torch.long, device=device)
     known = ~delay.valid_mask(K, S - K, device).expand(2, K, S)
 
-    def ours(step_fn=None):
+    def ours(step_fn=None, n_steps=steps):
         with torch.no_grad():
             states = hf.text_encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state.to(dtype)
             text = lm.project_text(states, mask)
-            return generate_tokens(lm, grid, known, text, mask, sc, step_fn=step_fn, free_cache=step_fn is None)
+            n = n_steps + 1
+            return generate_tokens(lm, grid[..., :n], known[..., :n], text, mask, sc, step_fn=step_fn,
+                                   free_cache=step_fn is None)
 
-    def theirs():
+    def theirs(n_steps=steps):
         with torch.no_grad():
             return hf.generate(input_ids=ids, attention_mask=mask.long(), do_sample=True, guidance_scale=3.0, top_k=250,
-                               max_new_tokens=steps)
+                               max_new_tokens=n_steps)
+
+    def log(what):
+        print(f"[bench {args.config} {args.dtype}] {what}", file=sys.stderr, flush=True)
 
     result = {"config": args.config, "dtype": args.dtype, "device": str(device), "threads": torch.get_num_threads(),
               "steps": steps}
-    ours()  # warm-up (allocator, first-call paths)
+    warm = 2 * preset.n_codebooks  # a short warm-up run: first-call paths, allocator
+    log("ours eager")
+    ours(n_steps=warm)
     t_ours = time_best(ours, args.repeats, device)
     result["ours_steps_per_s"] = round(steps / t_ours, 2)
     best = t_ours
     if not args.no_compile:
+        log("ours compiled: compiling")
         step_fn = compiled_step(lm)
         t0 = time.perf_counter()
-        ours(step_fn)  # compiles
+        ours(step_fn)  # compiles (static shapes: the warm-up must have the timed size)
         result["compile_s"] = round(time.perf_counter() - t0, 1)
         t_comp = time_best(lambda: ours(step_fn), args.repeats, device)
         result["ours_compiled_steps_per_s"] = round(steps / t_comp, 2)
         best = min(best, t_comp)
     if not args.no_hf:
-        theirs()
+        log("transformers")
+        theirs(warm)
         t_hf = time_best(theirs, args.repeats, device)
         result["hf_steps_per_s"] = round(steps / t_hf, 2)
         result["speedup"] = round(t_hf / best, 2)

@@ -100,30 +100,12 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
-class Linear(nn.Linear):
-    """nn.Linear without bias; a decode step's few rows on the CPU in fp32 go through W @ x^T.
-
-    Why: for a 2-row input MKL's x @ W^T kernel reads the weights at a small fraction of the memory
-    bandwidth on some CPUs (measured 1-3 GB/s against 10-14 GB/s for W @ x^T on a 2-core AMD EPYC).
-    Same weight, same state-dict key; everywhere else (GPU, bf16, prefill) it is plain F.linear.
-    """
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features, bias=False)
-
-    def forward(self, x):
-        rows = x.numel() // x.shape[-1]
-        if x.device.type == "cpu" and x.dtype == torch.float32 and rows <= 8:
-            return (self.weight @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], -1)
-        return F.linear(x, self.weight)
-
-
 class SelfAttention(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
-        self.qkv = Linear(cfg.dim, 3 * cfg.dim)  # fused q, k, v: one matmul instead of three
-        self.out = Linear(cfg.dim, cfg.dim)
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)  # fused q, k, v: one matmul instead of three
+        self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, mask, input_pos=None):
@@ -143,9 +125,9 @@ class CrossAttention(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
-        self.q = Linear(cfg.dim, cfg.dim)
-        self.kv = Linear(cfg.dim, 2 * cfg.dim)
-        self.out = Linear(cfg.dim, cfg.dim)
+        self.q = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.kv = nn.Linear(cfg.dim, 2 * cfg.dim, bias=False)
+        self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
         # this generation's text keys/values (set by MusicGenLM.setup_cache), buffers for CUDA graphs
         self.register_buffer("cache_k", None, persistent=False)
         self.register_buffer("cache_v", None, persistent=False)
@@ -169,8 +151,8 @@ class Block(nn.Module):
         self.norm_cross = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.cross_attn = CrossAttention(cfg)
         self.norm_ffn = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.ffn_in = Linear(cfg.dim, cfg.ffn_dim)
-        self.ffn_out = Linear(cfg.ffn_dim, cfg.dim)
+        self.ffn_in = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.ffn_out = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
     def forward(self, x, self_mask, cross_k, cross_v, cross_mask, input_pos=None):
         x = x + self.self_attn(self.norm_self(x), self_mask, input_pos)
@@ -190,7 +172,7 @@ class MusicGenLM(nn.Module):
         self.embed = nn.ModuleList([nn.Embedding(cfg.vocab_in, cfg.dim) for _ in range(cfg.n_codebooks)])
         self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
         self.norm_out = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.heads = nn.ModuleList([Linear(cfg.dim, cfg.card) for _ in range(cfg.n_codebooks)])
+        self.heads = nn.ModuleList([nn.Linear(cfg.dim, cfg.card, bias=False) for _ in range(cfg.n_codebooks)])
         self.max_steps = 0  # size of the static cache, 0 when none is set up
         # generation state, set by setup_cache: all of it buffers, so a compiled step sees fixed addresses
         for name in ("cross_mask", "cache_keep", "n_dropped", "step_ids"):
