@@ -111,6 +111,7 @@ def main():
         raise SystemExit(f"--steps must be >= {preset.n_codebooks}")
 
     hf = hf_model(preset).to(device)
+    hf.text_encoder.to(dtype)  # transformers feeds the T5 states straight into the projection: same dtype
     hf.decoder.to(dtype)
     hf.enc_to_dec_proj.to(dtype)
     lm = our_lm(hf).to(device, dtype)
