@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from stage_min import delay
 from stage_min.generate import SamplingConfig, compiled_step, generate_tokens
 from stage_min.loading import lm_config_from_hf, lm_state_from_hf, load_strict
 from stage_min.model import LMConfig, MusicGenLM
@@ -120,7 +121,6 @@ def main():
     mask = torch.ones_like(ids, dtype=torch.bool)
 
     # ours: the same grid MusicGen.generate builds, steps + 1 interleaved steps = steps LM calls
-    from stage_min import delay
     K, S = preset.n_codebooks, steps + 1
     grid = torch.full((2, K, S), preset.special_id, dtype=torch.long, device=device)
     known = ~delay.valid_mask(K, S - K, device).expand(2, K, S)
