@@ -41,6 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first call)")
     return p.parse_args(argv)
 
 
@@ -127,14 +128,14 @@ def run(args):
     sampling = sampling_config(args)
     model = MusicGen.from_pretrained(args.model, device=device, dtype=getattr(torch, args.dtype), stage=context is not None, t5=args.t5)
     if context is None:
-        audio, _ = model.generate([args.prompt], n_frames, sampling, seed=args.seed, progress=True)
+        audio, _ = model.generate([args.prompt], n_frames, sampling, seed=args.seed, progress=True, compile=args.compile)
     else:
         if model.context_token_added:
             print(f"warning: {args.model} is a plain MusicGen, not a STAGE model: its context token is untrained, "
                   "so the stem will not follow the context", file=sys.stderr)
         hop = SAMPLE_RATE // FRAME_RATE
         audio, _ = model.accompany([torch.from_numpy(context[: context_frames * hop])], [args.prompt], n_frames,
-                                   sampling, seed=args.seed, progress=True)
+                                   sampling, seed=args.seed, progress=True, compile=args.compile)
     stem = audio[0, 0].cpu().numpy()
     save_audio(args.out, stem, model.sample_rate)
     print(f"wrote {args.out}: {len(stem) / model.sample_rate:.2f} s at {model.sample_rate} Hz")

@@ -68,6 +68,7 @@ def generate_tokens(
     generator: torch.Generator | None = None,
     progress: bool = False,
     step_fn=None,
+    free_cache: bool = True,
 ) -> torch.Tensor:
     """Fill the unknown tokens of an interleaved grid; returns the B conditional rows (B, K, S).
 
@@ -76,7 +77,9 @@ def generate_tokens(
     unconditional ones, each with its own given tokens (a STAGE context is blanked in the second
     half) but sharing the sampled ones. text (B, L, dim) projected, text_mask (B, L): the
     unconditional rows get the all-zero null text. keep (R, P): which of the first P steps exist
-    (P = the prefilled part), None for all. step_fn replaces lm.decode_step (e.g. a compiled one).
+    (P = the prefilled part), None for all. step_fn replaces lm.decode_step (e.g. `compiled_step(lm)`).
+    free_cache=False leaves the static cache allocated, for the next generation of the same size to
+    reuse in place (what a CUDA-graph step wants).
     """
     R, K, S = grid.shape
     B = text.shape[0]
@@ -103,5 +106,17 @@ def generate_tokens(
             if s + 1 < S:
                 logits = step_fn(grid[:, :, s:s + 1], positions[s:s + 1])
     finally:
-        lm.clear_cache()
+        if free_cache:
+            lm.clear_cache()
     return grid[:B]
+
+
+def compiled_step(lm: MusicGenLM, mode: str | None = None):
+    """lm.decode_step under torch.compile, one graph (fullgraph=True) with static shapes.
+
+    Default mode: "reduce-overhead" (CUDA graphs) on CUDA, inductor's default elsewhere. The first
+    call of each new size compiles (seconds to minutes); pass the result as generate_tokens' step_fn
+    (with free_cache=False so that the cache buffers keep their addresses between generations)."""
+    if mode is None:
+        mode = "reduce-overhead" if next(lm.parameters()).device.type == "cuda" else "default"
+    return torch.compile(lm.decode_step, fullgraph=True, dynamic=False, mode=mode)

@@ -138,6 +138,9 @@ class CrossAttention(nn.Module):
         self.q = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.kv = nn.Linear(cfg.dim, 2 * cfg.dim, bias=False)
         self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        # this generation's text keys/values (set by MusicGenLM.setup_cache), buffers for CUDA graphs
+        self.register_buffer("cache_k", None, persistent=False)
+        self.register_buffer("cache_v", None, persistent=False)
 
     def keys_values(self, text):
         return rearrange(self.kv(text), "b l (two h d) -> two b h l d", two=2, h=self.n_heads)
@@ -182,6 +185,9 @@ class MusicGenLM(nn.Module):
         self.norm_out = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.heads = nn.ModuleList([nn.Linear(cfg.dim, cfg.card, bias=False) for _ in range(cfg.n_codebooks)])
         self.max_steps = 0  # size of the static cache, 0 when none is set up
+        # generation state, set by setup_cache: all of it buffers, so a compiled step sees fixed addresses
+        for name in ("cross_mask", "cache_keep", "n_dropped", "step_ids"):
+            self.register_buffer(name, None, persistent=False)
 
     # ---- conditioning -------------------------------------------------------------------------
     def project_text(self, text_states: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
@@ -240,23 +246,32 @@ class MusicGenLM(nn.Module):
     # ---- cached generation --------------------------------------------------------------------
     def setup_cache(self, batch: int, max_steps: int, text, text_mask):
         """Allocate the static caches for `batch` rows and `max_steps` steps, and compute the
-        cross-attention keys/values once for this generation."""
+        cross-attention keys/values once for this generation.
+
+        A cache of the same size, dtype and device is reused in place, so that a compiled (CUDA-graph)
+        step keeps reading and writing the same memory from one generation to the next."""
         p = next(self.parameters())
-        for layer in self.layers:
-            layer.self_attn.kv_cache = KVCache(batch, self.cfg.n_heads, max_steps, self.cfg.head_dim, p.dtype, p.device)
         kvs, cross_mask = self._cross_inputs(text, text_mask, text_rows_only=True)
-        self.cross_k = [k.contiguous() for k, _ in kvs]
-        self.cross_v = [v.contiguous() for _, v in kvs]
-        self.cross_mask = cross_mask
-        self.register_buffer("cache_keep", torch.ones(batch, max_steps, dtype=torch.bool, device=p.device), persistent=False)
-        self.register_buffer("n_dropped", torch.zeros(batch, dtype=torch.long, device=p.device), persistent=False)
-        self.register_buffer("step_ids", torch.arange(max_steps, device=p.device), persistent=False)
+        cache = self.layers[0].self_attn.kv_cache
+        reuse = cache is not None and cache.k.shape == (batch, self.cfg.n_heads, max_steps, self.cfg.head_dim) \
+            and cache.k.dtype == p.dtype and cache.k.device == p.device
+        for layer, (k, v) in zip(self.layers, kvs):
+            if not reuse:
+                layer.self_attn.kv_cache = KVCache(batch, self.cfg.n_heads, max_steps, self.cfg.head_dim, p.dtype, p.device)
+            _assign(layer.cross_attn, "cache_k", k)
+            _assign(layer.cross_attn, "cache_v", v)
+        _assign(self, "cross_mask", cross_mask)
+        _assign(self, "cache_keep", torch.ones(batch, max_steps, dtype=torch.bool, device=p.device))
+        _assign(self, "n_dropped", torch.zeros(batch, dtype=torch.long, device=p.device))
+        _assign(self, "step_ids", torch.arange(max_steps, device=p.device))
         self.max_steps = max_steps
 
     def clear_cache(self):
+        """Free the caches (a later setup_cache allocates new ones)."""
         for layer in self.layers:
             layer.self_attn.kv_cache = None
-        self.cross_k = self.cross_v = self.cross_mask = None
+            layer.cross_attn.cache_k = layer.cross_attn.cache_v = None
+        self.cross_mask = self.cache_keep = self.n_dropped = self.step_ids = None
         self.max_steps = 0
 
     def _cached(self, codes, input_pos, positions):
@@ -264,8 +279,8 @@ class MusicGenLM(nn.Module):
         visible = (self.step_ids <= input_pos[:, None]) & self.cache_keep[:, None, :]
         visible = visible | (self.step_ids == input_pos[:, None])
         x = self._embed(codes, positions)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, visible[:, None], self.cross_k[i], self.cross_v[i], self.cross_mask, input_pos)
+        for layer in self.layers:
+            x = layer(x, visible[:, None], layer.cross_attn.cache_k, layer.cross_attn.cache_v, self.cross_mask, input_pos)
         return x
 
     def prefill(self, codes, keep=None):
@@ -282,6 +297,17 @@ class MusicGenLM(nn.Module):
         return self._logits(x[:, -1:])[:, :, 0]
 
     def decode_step(self, codes, input_pos):
-        """codes (B, K, 1) at step `input_pos` (a 1-element long tensor) -> logits (B, K, card)."""
+        """codes (B, K, 1) at step `input_pos` (a 1-element long tensor) -> logits (B, K, card).
+
+        Pure tensor code with static shapes and no host read: the function to torch.compile."""
         positions = (input_pos - self.n_dropped)[:, None]
         return self._logits(self._cached(codes, input_pos, positions))[:, :, 0]
+
+
+def _assign(module: nn.Module, name: str, value: torch.Tensor):
+    """Set a buffer, copying in place when the old one has the same shape, dtype and device."""
+    old = getattr(module, name)
+    if old is not None and old.shape == value.shape and old.dtype == value.dtype and old.device == value.device:
+        old.copy_(value)
+    else:
+        setattr(module, name, value.contiguous())

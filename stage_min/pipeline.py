@@ -6,8 +6,8 @@ from transformers import EncodecConfig, EncodecModel, T5Config, T5EncoderModel
 
 from . import delay
 from .codec import Codec
-from .generate import SamplingConfig, generate_tokens
 from .formats import read_checkpoint
+from .generate import SamplingConfig, compiled_step, generate_tokens
 from .loading import LoadError, add_context_token, load_strict, renamed_weight_norm, submodule_state
 from .model import MusicGenLM
 from .stage import generation_rows
@@ -42,7 +42,8 @@ class MusicGen(torch.nn.Module):
             lm = MusicGenLM(cfg)
         load_strict(lm, lm_state, "LM weights", assign=True)
         text_encoder = load_text_encoder(ckpt.spiece_dir, ckpt.config, ckpt.state)
-        model = cls(lm, text_encoder, load_codec(ckpt.config, ckpt.state)).to(device, dtype).eval()
+        model = cls(lm, text_encoder, load_codec(ckpt.config, ckpt.state)).to(device).eval()
+        model.lm.to(dtype)  # only the LM: T5 overflows in fp16, and the codec runs once, so both stay fp32
         model.context_token_added = context_token_added  # an untrained row: the stem will not follow a context
         return model
 
@@ -54,8 +55,9 @@ class MusicGen(torch.nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts: list[str], n_frames: int, sampling: SamplingConfig | None = None,
-                 seed: int | None = None, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text-to-music. Returns audio (B, 1, samples) in fp32 and codes (B, K, n_frames)."""
+                 seed: int | None = None, progress: bool = False, compile: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text-to-music. Returns audio (B, 1, samples) in fp32 and codes (B, K, n_frames).
+        compile: torch.compile the decode step (pays from the second generation of the same size)."""
         sampling = sampling or SamplingConfig()
         sampling.check()
         K, special = self.lm.cfg.n_codebooks, self.lm.cfg.special_id
@@ -63,20 +65,21 @@ class MusicGen(torch.nn.Module):
         valid = delay.valid_mask(K, n_frames, self.device)
         grid = torch.full((R, K, n_frames + K), special, dtype=torch.long, device=self.device)
         known = ~valid.expand(R, K, n_frames + K)  # the start step and the delay gaps are given
-        codes = delay.deinterleave(self._fill(prompts, grid, known, None, sampling, seed, progress))
+        codes = delay.deinterleave(self._fill(prompts, grid, known, None, sampling, seed, progress, compile))
         return self.codec.decode(codes).float(), codes
 
-    def _fill(self, prompts, grid, known, keep, sampling, seed, progress):
+    def _fill(self, prompts, grid, known, keep, sampling, seed, progress, compile):
         """Text-condition and sample the unknown tokens of the grid (see generate_tokens)."""
         text, text_mask = self.text_condition(prompts)
         generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
-        return generate_tokens(self.lm, grid, known, text, text_mask, sampling, keep=keep, generator=generator, progress=progress)
-
+        step_fn = compiled_step(self.lm) if compile else None
+        return generate_tokens(self.lm, grid, known, text, text_mask, sampling, keep=keep, generator=generator,
+                               progress=progress, step_fn=step_fn, free_cache=not compile)
 
     @torch.no_grad()
     def accompany(self, contexts: list[torch.Tensor], prompts: list[str], n_frames: int,
                   sampling: SamplingConfig | None = None, seed: int | None = None,
-                  progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  progress: bool = False, compile: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """STAGE: one stem per context (mono audio at `sample_rate`, any lengths), each `n_frames`
         long and time-aligned with its context (stem frame t plays with context frame t).
         Contexts are encoded, cut to the stem's length, left-padded to a common length.
@@ -91,7 +94,7 @@ class MusicGen(torch.nn.Module):
         context = torch.stack([torch.nn.functional.pad(c[0], (int(lengths.max()) - c.shape[-1], 0), value=cfg.special_id) for c in codes])
         grid, known, keep, C = generation_rows(context, lengths, n_frames, cfg.special_id, cfg.context_id,
                                                guidance=sampling.cfg_coef != 1.0)
-        grid = self._fill(prompts, grid, known, keep, sampling, seed, progress)
+        grid = self._fill(prompts, grid, known, keep, sampling, seed, progress, compile)
         stem_codes = delay.deinterleave(grid)[:, :, C + 1:]  # drop the context and separator frames
         return self.codec.decode(stem_codes).float(), stem_codes
 

@@ -1,0 +1,180 @@
+"""Decoding speed: ours (eager and torch.compile) against transformers' MusicGen, same random weights.
+
+    python bench.py --config tiny
+    python bench.py --config small --steps 64
+    python bench.py --config small --dtype bfloat16
+
+One set of random weights is built in a transformers `MusicgenForConditionalGeneration` and mapped
+into ours with `stage_min.loading` (the same remapping `MusicGen.from_pretrained` uses). Both then
+generate with guidance 3, top-k 250, batch 1, the same number of LM forward steps. Timed: the text
+encoder (a one-layer T5 of t5-base width, the same module for both), the cross-attention set-up,
+the prefill and the decode loop; not timed: the codec (transformers' audio decode is stubbed out).
+Prints one JSON line per run.
+"""
+import argparse
+import json
+import resource
+import sys
+import time
+
+import torch
+
+from stage_min import delay
+from stage_min.generate import SamplingConfig, compiled_step, generate_tokens
+from stage_min.loading import lm_config_from_hf, lm_state_from_hf, load_strict
+from stage_min.model import LMConfig, MusicGenLM
+
+PROMPT_TOKENS = 12  # a typical prompt length in t5 tokens
+
+
+def hf_model(preset: LMConfig, seed: int = 0):
+    from transformers import (EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration,
+                              T5Config)
+
+    # t5-base width (the projection is part of the LM) but one layer: the text encoder is not what is measured
+    text = T5Config(vocab_size=128, d_model=768, d_kv=64, d_ff=768, num_layers=1, num_heads=12)
+    audio = EncodecConfig(sampling_rate=32000, audio_channels=1, upsampling_ratios=[8, 5, 4, 4], target_bandwidths=[2.2],
+                          num_filters=4, hidden_size=16, codebook_size=2048, codebook_dim=16, num_lstm_layers=1,
+                          use_causal_conv=False, normalize=False, pad_mode="reflect", chunk_length_s=None, overlap=None)
+    decoder = MusicgenDecoderConfig(vocab_size=preset.card, hidden_size=preset.dim, num_hidden_layers=preset.n_layers,
+                                    num_attention_heads=preset.n_heads, ffn_dim=preset.ffn_dim,
+                                    num_codebooks=preset.n_codebooks, max_position_embeddings=2048, dropout=0.0)
+    config = MusicgenConfig(text_encoder=text.to_dict(), audio_encoder=audio.to_dict(), decoder=decoder.to_dict())
+    torch.manual_seed(seed)
+    model = MusicgenForConditionalGeneration(config).eval()
+    model.audio_encoder.decode = lambda codes, *a, **k: type("Out", (), {"audio_values": codes})()  # codec not timed
+    return model
+
+
+def our_lm(hf) -> MusicGenLM:
+    state = hf.state_dict()
+    cfg = lm_config_from_hf(hf.config.to_dict(), state)
+    with torch.device("meta"):
+        lm = MusicGenLM(cfg)
+    load_strict(lm, lm_state_from_hf(state, cfg), "LM weights", assign=True)
+    return lm.eval()
+
+
+def memory_bandwidth(n_bytes: int = 1 << 30, device="cpu") -> float:
+    """Bytes/s of a large tensor copy (read + write counted), best of a few."""
+    src = torch.ones(n_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n_bytes / best
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_weight_bytes(lm: MusicGenLM) -> int:
+    """Weight bytes one decode step reads: everything but the text projection, the cross-attention
+    key/value projections (computed once per generation) and the embedding tables (4 rows read)."""
+    skip = ("text_proj.", "embed.", ".cross_attn.kv.")
+    return sum(t.numel() * t.element_size() for name, t in lm.state_dict().items() if not any(s in name for s in skip))
+
+
+def time_best(fn, repeats: int, device) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="tiny", choices=["tiny", "small", "medium", "large"])
+    p.add_argument("--steps", type=int, default=0, help="LM forward steps (0: 256 for tiny, 64 otherwise)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per variant; the best counts")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    steps = args.steps or (256 if args.config == "tiny" else 64)
+    preset = LMConfig.preset(args.config)
+    if steps < preset.n_codebooks:
+        raise SystemExit(f"--steps must be >= {preset.n_codebooks}")
+
+    hf = hf_model(preset).to(device)
+    hf.text_encoder.to(dtype)  # transformers feeds the T5 states straight into the projection: same dtype
+    hf.decoder.to(dtype)
+    hf.enc_to_dec_proj.to(dtype)
+    lm = our_lm(hf).to(device, dtype)
+    sc = SamplingConfig(cfg_coef=3.0, top_k=250)
+    ids = torch.randint(3, 128, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0)).to(device)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+
+    # ours: the same grid MusicGen.generate builds, steps + 1 interleaved steps = steps LM calls
+    K, S = preset.n_codebooks, steps + 1
+    grid = torch.full((2, K, S), preset.special_id, dtype=torch.long, device=device)
+    known = ~delay.valid_mask(K, S - K, device).expand(2, K, S)
+
+    def ours(step_fn=None, n_steps=steps):
+        with torch.no_grad():
+            states = hf.text_encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state.to(dtype)
+            text = lm.project_text(states, mask)
+            n = n_steps + 1
+            return generate_tokens(lm, grid[..., :n], known[..., :n], text, mask, sc, step_fn=step_fn,
+                                   free_cache=step_fn is None)
+
+    def theirs(n_steps=steps):
+        with torch.no_grad():
+            return hf.generate(input_ids=ids, attention_mask=mask.long(), do_sample=True, guidance_scale=3.0, top_k=250,
+                               max_new_tokens=n_steps)
+
+    def log(what):
+        print(f"[bench {args.config} {args.dtype}] {what}", file=sys.stderr, flush=True)
+
+    result = {"config": args.config, "dtype": args.dtype, "device": str(device), "threads": torch.get_num_threads(),
+              "steps": steps}
+    warm = 2 * preset.n_codebooks  # a short warm-up run: first-call paths, allocator
+    log("ours eager")
+    ours(n_steps=warm)
+    t_ours = time_best(ours, args.repeats, device)
+    result["ours_steps_per_s"] = round(steps / t_ours, 2)
+    best = t_ours
+    if not args.no_compile:
+        log("ours compiled: compiling")
+        step_fn = compiled_step(lm)
+        t0 = time.perf_counter()
+        ours(step_fn)  # compiles (static shapes: the warm-up must have the timed size)
+        result["compile_s"] = round(time.perf_counter() - t0, 1)
+        t_comp = time_best(lambda: ours(step_fn), args.repeats, device)
+        result["ours_compiled_steps_per_s"] = round(steps / t_comp, 2)
+        best = min(best, t_comp)
+    if not args.no_hf:
+        log("transformers")
+        theirs(warm)
+        t_hf = time_best(theirs, args.repeats, device)
+        result["hf_steps_per_s"] = round(steps / t_hf, 2)
+        result["speedup"] = round(t_hf / best, 2)
+    if device.type == "cuda":
+        result["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    else:  # the whole process (both models, Python, libraries): an upper bound
+        result["peak_mem_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    bandwidth = memory_bandwidth(device=device)
+    weight_bytes = step_weight_bytes(lm)
+    result["weight_mb_per_step"] = round(weight_bytes / 2**20, 1)
+    result["bandwidth_gbps"] = round(bandwidth / 1e9, 1)
+    result["mbu"] = round(weight_bytes / (best / steps) / bandwidth, 3)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
