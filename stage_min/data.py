@@ -3,7 +3,8 @@
 Two folder layouts, one song per folder (found up to one level down, so `moisesdb/moisesdb_v0.1/`
 works as a root as well as its parent):
 - plain:    song/drums.wav, song/bass.wav, song/other.wav, ...      (stem = file name)
-- MoisesDB: song/drums/<uuid>.wav, song/drums/<uuid2>.wav, ...      (stem = folder; its files summed)
+- MoisesDB: song/data.json, song/drums/<uuid>.wav, song/drums/<uuid2>.wav, ...
+                                                                    (stem = folder; its files summed)
 Optional per song: `caption.txt` (the text prompt) and `beats.txt` (beat annotations, format below).
 A file called mixture/mix.* is not a stem and is ignored.
 
@@ -32,6 +33,10 @@ from .metronome import click_track
 
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff"}
 NOT_STEMS = {"mixture", "mix"}
+# MoisesDB's instrument folders; other subfolders count as stems only when the song has MoisesDB's
+# data.json, so that a folder of songs is never taken for one song with odd stems
+MOISESDB_STEMS = {"vocals", "bass", "drums", "guitar", "other_keys", "piano", "percussion", "bowed_strings",
+                  "wind", "other_plucked", "other"}
 CACHE_VERSION = 1
 
 
@@ -89,7 +94,10 @@ def _song_stems(folder: Path) -> dict:
     for f in _audio_files(folder):  # plain layout
         if f.stem.lower() not in NOT_STEMS:
             stems.setdefault(f.stem.lower(), []).append(f)
+    moises = (folder / "data.json").is_file()
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):  # MoisesDB layout
+        if not moises and sub.name.lower() not in MOISESDB_STEMS:
+            continue
         files = _audio_files(sub)
         if files and sub.name.lower() not in NOT_STEMS:
             stems.setdefault(sub.name.lower(), []).extend(files)
@@ -362,9 +370,9 @@ class StemWindows:
     def __init__(self, songs: list[SongData], cfg: DataConfig, frame_rate: float, sample_rate: int, stats: Stats | None = None):
         self.cfg, self.frame_rate, self.sample_rate = cfg, frame_rate, sample_rate
         self.n_target = int(round(cfg.target_seconds * frame_rate))
-        step = int(round(cfg.context_step * frame_rate))
-        lo, hi = int(round(cfg.context_min * frame_rate)), int(round(cfg.context_max * frame_rate))
-        self.context_lengths = list(range(hi, lo - 1, -step))[::-1] if step else [hi]
+        n = int(np.floor((cfg.context_max - cfg.context_min) / cfg.context_step + 1e-9))
+        grid = [cfg.context_min + i * cfg.context_step for i in range(n + 1)] + [cfg.context_max]
+        self.context_lengths = sorted({max(1, int(round(s * frame_rate))) for s in grid})  # in frames
         self.stats = stats or Stats()
         self.songs = []
         for s in songs:
