@@ -155,7 +155,7 @@ def train(cfg: T.TrainConfig, resume: bool):
                     loss = ddp(b["grid"], b["keep"], b["target"], b["states"], b["mask"]) / cfg.grad_accum
                 with sync:
                     loss.backward()
-                loss_sum += float(loss)
+                loss_sum += loss.detach().item()
                 frames += b["codes"].numel() // b["codes"].shape[1]
             torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.clip)
             optimizer.step()
