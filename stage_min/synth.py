@@ -6,9 +6,11 @@ writes DIR/song_000/{drums,bass,chords}.wav, beats.txt (one `<seconds> <position
 beat) and caption.txt, i.e. the plain layout that `stage_min.data` reads.
 
 The stems are deliberately coupled, so that a model can learn in few steps that the context
-tells it about the target: the bass plays on the kick drum's hits, the drum kit is tuned to the
-song's key (kick and tom at the root, as producers tune 808s), and beat periods are whole codec
-frames (20 ms multiples), so that a hit always looks the same to the codec.
+tells it about the target: the kick pattern changes every bar at random and the bass plays on
+every kick, so only the context says where the next kick falls; the drum kit is tuned to the
+song's key (over two octaves, so that kits differ clearly), busy songs have both sixteenth-note hats
+and eighth-note chord stabs, and beat periods are whole codec frames (20 ms multiples), so that a
+hit always looks the same to the codec.
 """
 import argparse
 import sys
@@ -19,8 +21,7 @@ import numpy as np
 SAMPLE_RATE = 32000
 FRAME = 640  # EnCodec 32 kHz hop: onsets on this grid
 NOTES = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
-# kick patterns in eighth notes of a 4/4 bar; the bass follows the kick
-PATTERNS = [[0, 4], [0, 3, 4], [0, 2, 4, 6], [0, 4, 5], [0, 3, 6]]
+P_KICK = 0.4  # chance of a kick on each eighth note but the first of the bar (always one)
 
 
 def _env(n, decay, sr=SAMPLE_RATE):
@@ -39,10 +40,11 @@ def snare(freq, rng, sr=SAMPLE_RATE):
     return 0.5 * (0.5 * tone + rng.standard_normal(n) * _env(n, 0.04))
 
 
-def hat(rng, sr=SAMPLE_RATE):
+def hat(freq, rng, sr=SAMPLE_RATE):
     n = int(0.05 * sr)
     noise = np.diff(rng.standard_normal(n + 1))  # crude high-pass
-    return 0.15 * noise * _env(n, 0.01)
+    tick = np.sin(2 * np.pi * freq * np.arange(n) / sr)
+    return 0.2 * (0.5 * noise + tick) * _env(n, 0.01)
 
 
 def pluck(freq, seconds, sr=SAMPLE_RATE):
@@ -73,17 +75,18 @@ def make_song(rng: np.random.Generator, seconds: float, sr: int = SAMPLE_RATE) -
     bpm = 60 * sr / period
     root = int(rng.integers(12))
     minor = bool(rng.random() < 0.5)
-    pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
     root_hz = 55.0 * 2 ** (((root - 9) % 12) / 12)  # A1 = 55 Hz, so roots sit in 55..104 Hz
+    kit_hz = 40.0 * 2 ** (root / 6)  # the kit follows the key over two octaves: low keys, low kits
+    busy = bool(rng.random() < 0.5)  # busy songs: hats on sixteenths and chord stabs on eighths
     third = 3 if minor else 4
     n = int(seconds * sr)
     drums, bass, chords = (np.zeros(n) for _ in range(3))
     offset = int(rng.integers(0, 4)) * FRAME  # first downbeat a few frames in
     eighth = period // 2
     beats, positions = [], []
-    hat_hit = hat(rng)  # one recorded hit per drum, reused: a sample-based kit
-    snare_hit = snare(root_hz * 2 ** (7 / 12) * 4, rng)  # snare tone at the key's fifth
-    kick_hit = kick(root_hz)
+    hat_hit = hat(kit_hz * 40, rng)  # one recorded hit per drum, reused: a sample-based kit
+    snare_hit = snare(kit_hz * 4, rng)
+    kick_hit = kick(kit_hz)
     progression = [0, 5, 7, 3 if minor else 9]  # i-iv-v-(VI/vi) in semitones
     bar = 0
     while offset + bar * 4 * period < n:
@@ -92,16 +95,25 @@ def make_song(rng: np.random.Generator, seconds: float, sr: int = SAMPLE_RATE) -
             beats.append((start + b * period) / sr)
             positions.append(b + 1)
         shift = progression[bar % 4]
+        # a new kick pattern every bar: the drums' own past does not tell where the next kick
+        # falls, the bass (which plays on every kick) does
+        pattern = [0] + [e for e in range(1, 8) if rng.random() < P_KICK]
         for e in range(8):
             t = start + e * eighth
             _add(drums, t, hat_hit)
+            if busy:
+                _add(drums, t + eighth // 2 // FRAME * FRAME, hat_hit)
             if e in pattern:
                 _add(drums, t, kick_hit)
                 _add(bass, t, pluck(root_hz * 2 ** (shift / 12) * 2, eighth / sr * 1.5))
             if e in (2, 6):
                 _add(drums, t, snare_hit)
         chord = [root_hz * 4 * 2 ** ((shift + iv) / 12) for iv in (0, third, 7)]
-        _add(chords, start, pad(chord, 4 * period / sr))
+        if busy:
+            for e in range(8):
+                _add(chords, start + e * eighth, pad(chord, 0.7 * eighth / sr))
+        else:
+            _add(chords, start, pad(chord, 4 * period / sr))
         bar += 1
     beats_in = [(t, p) for t, p in zip(beats, positions) if t < seconds]
     name = f"{NOTES[root]} {'minor' if minor else 'major'}"
