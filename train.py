@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -50,7 +51,7 @@ def parse_args(argv=None) -> T.TrainConfig:
     a = p.parse_args(argv)
     data_cfg = D.DataConfig(target=a.target.lower(), exclude=tuple(s.strip().lower() for s in a.exclude.split(",") if s.strip()),
                             **{k: getattr(a, k) for k in ("target_seconds", "context_min", "context_max", "context_step",
-                                                          "p_metronome", "silence", "val_fraction")}, seed=a.seed)
+                                                          "p_metronome", "silence", "val_fraction")})
     fields = {k: getattr(a, k) for k in T.TrainConfig.__dataclass_fields__ if k != "data_cfg" and hasattr(a, k)}
     return T.TrainConfig(**fields, data_cfg=data_cfg), a.resume
 
@@ -82,7 +83,7 @@ def train(cfg: T.TrainConfig, resume: bool):
 
     # ---- model, optimizer --------------------------------------------------------------------
     if resume:
-        model, base = T.load_for_resume(out, state, cfg)
+        model, base = T.load_for_resume(out)  # the base recorded in the run, not --base
     else:
         model, base = T.build_model(cfg)
     model = model.to(device)
@@ -125,7 +126,6 @@ def train(cfg: T.TrainConfig, resume: bool):
     val_windows = D.StemWindows(val_data, cfg.data_cfg, codec.frame_rate, codec.sample_rate, stats) if val_data else None
     eval_batches = []
     if val_windows is not None and master:  # fixed held-out windows, encoded once
-        import numpy as np
         ex = [val_windows.draw(np.random.default_rng([cfg.seed, 2**31, i])) for i in range(cfg.eval_windows)]
         for i in range(0, len(ex), micro_bs):
             chunk = ex[i:i + micro_bs]

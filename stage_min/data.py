@@ -55,7 +55,6 @@ class DataConfig:
     p_metronome: float = 0.5  # context replaced by a click track on the song's beats
     silence: float = 0.01  # a stem (window) whose peak is below this is silent
     val_fraction: float = 0.1  # held-out songs, at least one when there are >= 2
-    seed: int = 0
 
     def check(self):
         if not self.target:

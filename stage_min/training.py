@@ -296,13 +296,11 @@ def check_resumable(out: Path, cfg: TrainConfig) -> dict:
     return state
 
 
-def load_for_resume(out: Path, state: dict, cfg: TrainConfig):
-    """The pipeline from a run folder; its LM must have the shape the options ask for."""
+def load_for_resume(out: Path):
+    """The pipeline from a run folder (T5 and EnCodec from the base it records) and that base."""
     from .pipeline import MusicGen
 
-    model = MusicGen.from_pretrained(str(out))
-    config = read_config(out)
-    return model, config.get("base")
+    return MusicGen.from_pretrained(str(out)), read_config(out).get("base")
 
 
 def log_metrics(out: Path, record: dict):
