@@ -127,6 +127,20 @@ def test_sample_py_runs_on_a_run_folder(setup, tmp_path):
     assert sf.info(str(out)).samplerate == 32000
 
 
+def test_small_preset_starts_from_the_base_lm_with_a_context_token(setup, tmp_path):
+    base, _ = setup
+    run = tmp_path / "small"
+    a = [x for x in args(setup, run, steps=1) if x not in ("--dim", "--layers", "--heads", "64", "2")]
+    train.main([*a, "--preset", "small", "--lr", "1e-12"])  # one step that barely moves the weights
+    from stage_min.loading import read_state_dict
+
+    ref = read_state_dict(base)["decoder.model.decoder.embed_tokens.0.weight"]  # (2049, 64)
+    emb = lm_weights(run)["lm.embed.0.weight"]
+    assert emb.shape == (2050, 64)  # one row more: the context token
+    assert torch.allclose(emb[:2049], ref, atol=1e-6)
+    assert json.loads((run / "config.json").read_text())["lm"]["n_special"] == 2
+
+
 def run_cli(argv, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(argv)
