@@ -1,0 +1,158 @@
+"""Procedural stems for offline training runs: drums, bass and chords, numpy only.
+
+    python -m stage_min.synth DIR --songs 16 [--seconds 20] [--seed 0]
+
+writes DIR/song_000/{drums,bass,chords}.wav, beats.txt (one `<seconds> <position in bar>` line per
+beat) and caption.txt, i.e. the plain layout that `stage_min.data` reads.
+
+The stems are deliberately coupled, so that a model can learn in few steps that the context
+tells it about the target: the kick pattern changes every bar at random and the bass plays on
+every kick, so only the context says where the next kick falls; the drum kit is tuned to the
+song's key (over two octaves, so that kits differ clearly), busy songs have both sixteenth-note hats
+and eighth-note chord stabs, and beat periods are whole codec frames (20 ms multiples), so that a
+hit always looks the same to the codec.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_RATE = 32000
+FRAME = 640  # EnCodec 32 kHz hop: onsets on this grid
+NOTES = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
+P_KICK = 0.4  # chance of a kick on each eighth note but the first of the bar (always one)
+
+
+def _env(n, decay, sr=SAMPLE_RATE):
+    return np.exp(-np.arange(n) / (decay * sr))
+
+
+def kick(freq, sr=SAMPLE_RATE):
+    n = int(0.25 * sr)
+    f = freq * (1 + 2.5 * np.exp(-np.arange(n) / (0.02 * sr)))  # pitch drop onto the key's root
+    return 0.9 * np.sin(2 * np.pi * np.cumsum(f) / sr) * _env(n, 0.08)
+
+
+def snare(freq, rng, sr=SAMPLE_RATE):
+    n = int(0.18 * sr)
+    tone = np.sin(2 * np.pi * freq * np.arange(n) / sr) * _env(n, 0.05)
+    return 0.5 * (0.5 * tone + rng.standard_normal(n) * _env(n, 0.04))
+
+
+def hat(freq, rng, sr=SAMPLE_RATE):
+    n = int(0.05 * sr)
+    noise = np.diff(rng.standard_normal(n + 1))  # crude high-pass
+    tick = np.sin(2 * np.pi * freq * np.arange(n) / sr)
+    return 0.2 * (0.5 * noise + tick) * _env(n, 0.01)
+
+
+def pluck(freq, seconds, sr=SAMPLE_RATE):
+    n = int(seconds * sr)
+    t = np.arange(n) / sr
+    wave = np.sin(2 * np.pi * freq * t) + 0.3 * np.sin(4 * np.pi * freq * t)
+    return 0.45 * wave * _env(n, 0.15) * np.minimum(1, t / 0.005)
+
+
+def pad(freqs, seconds, sr=SAMPLE_RATE):
+    n = int(seconds * sr)
+    t = np.arange(n) / sr
+    wave = sum(np.sign(np.sin(2 * np.pi * f * t)) * 0.4 + np.sin(2 * np.pi * f * t) for f in freqs)
+    fade = np.minimum(1, np.minimum(t / 0.02, (seconds - t) / 0.05))
+    return 0.08 * wave * fade
+
+
+def _add(track, start, sound):
+    end = min(len(track), start + len(sound))
+    if start < end:
+        track[start:end] += sound[: end - start]
+
+
+def make_song(rng: np.random.Generator, seconds: float, sr: int = SAMPLE_RATE) -> dict:
+    """One song: {'drums', 'bass', 'chords': float32 audio, 'beats': (times, positions), 'caption'}."""
+    frames_per_beat = int(rng.integers(20, 34))  # 150 .. 91 BPM, periods of whole frames
+    period = frames_per_beat * FRAME
+    bpm = 60 * sr / period
+    root = int(rng.integers(12))
+    minor = bool(rng.random() < 0.5)
+    root_hz = 55.0 * 2 ** (((root - 9) % 12) / 12)  # A1 = 55 Hz, so roots sit in 55..104 Hz
+    kit_hz = 40.0 * 2 ** (root / 6)  # the kit follows the key over two octaves: low keys, low kits
+    busy = bool(rng.random() < 0.5)  # busy songs: hats on sixteenths and chord stabs on eighths
+    third = 3 if minor else 4
+    n = int(seconds * sr)
+    drums, bass, chords = (np.zeros(n) for _ in range(3))
+    offset = int(rng.integers(0, 4)) * FRAME  # first downbeat a few frames in
+    eighth = period // 2
+    beats, positions = [], []
+    hat_hit = hat(kit_hz * 40, rng)  # one recorded hit per drum, reused: a sample-based kit
+    snare_hit = snare(kit_hz * 4, rng)
+    kick_hit = kick(kit_hz)
+    progression = [0, 5, 7, 3 if minor else 9]  # i-iv-v-(VI/vi) in semitones
+    bar = 0
+    while offset + bar * 4 * period < n:
+        start = offset + bar * 4 * period
+        for b in range(4):
+            beats.append((start + b * period) / sr)
+            positions.append(b + 1)
+        shift = progression[bar % 4]
+        # a new kick pattern every bar: the drums' own past does not tell where the next kick
+        # falls, the bass (which plays on every kick) does
+        pattern = [0] + [e for e in range(1, 8) if rng.random() < P_KICK]
+        for e in range(8):
+            t = start + e * eighth
+            _add(drums, t, hat_hit)
+            if busy:
+                _add(drums, t + eighth // 2 // FRAME * FRAME, hat_hit)
+            if e in pattern:
+                _add(drums, t, kick_hit)
+                _add(bass, t, pluck(root_hz * 2 ** (shift / 12) * 2, eighth / sr * 1.5))
+            if e in (2, 6):
+                _add(drums, t, snare_hit)
+        chord = [root_hz * 4 * 2 ** ((shift + iv) / 12) for iv in (0, third, 7)]
+        if busy:
+            for e in range(8):
+                _add(chords, start + e * eighth, pad(chord, 0.7 * eighth / sr))
+        else:
+            _add(chords, start, pad(chord, 4 * period / sr))
+        bar += 1
+    beats_in = [(t, p) for t, p in zip(beats, positions) if t < seconds]
+    name = f"{NOTES[root]} {'minor' if minor else 'major'}"
+    pace = "slow" if bpm < 110 else "fast" if bpm > 130 else "mid-tempo"
+    caption = f"{pace} groove with drums, bass and chords in {name}"
+    return {"drums": drums.astype(np.float32), "bass": bass.astype(np.float32), "chords": chords.astype(np.float32),
+            "beats": beats_in, "caption": caption}
+
+
+def write_dataset(folder, n_songs: int, seconds: float = 20.0, seed: int = 0, sr: int = SAMPLE_RATE):
+    import soundfile as sf
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n_songs):
+        song = make_song(rng, seconds, sr)
+        d = folder / f"song_{i:03d}"
+        d.mkdir(exist_ok=True)
+        for stem in ("drums", "bass", "chords"):
+            sf.write(d / f"{stem}.wav", np.clip(song[stem], -1, 1), sr, subtype="PCM_16")
+        (d / "beats.txt").write_text("".join(f"{t:.4f} {p}\n" for t, p in song["beats"]))
+        (d / "caption.txt").write_text(song["caption"] + "\n")
+    return folder
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder")
+    p.add_argument("--songs", type=int, default=16)
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.songs < 1 or not args.seconds > 0:
+        print("error: --songs must be >= 1 and --seconds > 0", file=sys.stderr)
+        sys.exit(2)
+    write_dataset(args.folder, args.songs, args.seconds, args.seed)
+    print(f"wrote {args.songs} songs to {args.folder}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+"""Training helpers for train.py: config, model setup, batches, loss, evaluation, checkpoints.
+
+train.py keeps the loop itself readable; what is here is the machinery around it.
+"""
+import json
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import DataConfig, Example
+from .loading import (LoadError, is_native, lm_config_from_native, read_config, read_state_dict, resolve_model_dir,
+                      save_native, write_atomic)
+from .model import LMConfig, MusicGenLM
+from .stage import build_sequence
+
+STATE_FILE = "train_state.pt"  # optimizer, step and RNG states, beside the model files
+METRICS_FILE = "metrics.jsonl"
+
+
+class UsageError(Exception):
+    """A bad option or a run folder that does not fit the options; the message says which."""
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""
+    out: str = ""
+    preset: str = "small"  # tiny: random LMConfig tiny; small: the base's pretrained LM + context token
+    base: str = "facebook/musicgen-small"  # T5 + EnCodec (and the LM for `small`)
+    max_steps: int = 10000
+    batch_size: int = 8  # global: split over processes, times grad_accum micro-steps each
+    grad_accum: int = 1
+    lr: float = 1e-5  # STAGE: AdamW, constant lr, betas (0.9, 0.95), weight decay 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 1e-3
+    clip: float = 1.0
+    p_text_drop: float = 0.5  # whole prompt dropped -> null condition
+    p_context_drop: float = 0.1  # whole context removed (build_sequence's drop_context)
+    eval_every: int = 200
+    eval_windows: int = 32
+    save_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    device: str = ""
+    cache_dir: str = ""  # default: DATA/.stage_min_cache
+    dim: int = 0  # tiny preset overrides (0 = preset value)
+    layers: int = 0
+    heads: int = 0
+    data_cfg: DataConfig = field(default_factory=DataConfig)
+
+    def check(self):
+        if self.preset not in ("tiny", "small"):
+            raise UsageError(f"--preset must be tiny or small, got {self.preset!r}")
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_windows", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise UsageError(f"--lr must be > 0, got {self.lr:g}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise UsageError("--beta1 and --beta2 must be in [0, 1)")
+        if self.weight_decay < 0 or not self.clip > 0:
+            raise UsageError("--weight-decay must be >= 0 and --clip > 0")
+        for name in ("p_text_drop", "p_context_drop"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name):g}")
+        if min(self.dim, self.layers, self.heads) < 0:
+            raise UsageError("--dim, --layers and --heads must be >= 1")
+        if self.preset == "small" and (self.dim or self.layers or self.heads):
+            raise UsageError("--dim/--layers/--heads only apply to --preset tiny (small keeps the base's shape)")
+        try:
+            self.data_cfg.check()
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
+    def identity(self) -> dict:
+        """What a resumed run must share with the checkpoint it continues."""
+        return {"preset": self.preset, "target": self.data_cfg.target, "dim": self.dim, "layers": self.layers, "heads": self.heads}
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["data_cfg"]["exclude"] = list(d["data_cfg"]["exclude"])
+        return d
+
+
+# ---- model --------------------------------------------------------------------------------------
+def load_base(base: str):
+    """T5 text encoder and EnCodec from a base model folder or hub id (a native folder's own base)."""
+    from .pipeline import load_codec, load_text_encoder
+
+    folder = resolve_model_dir(base)
+    config = read_config(folder)
+    if is_native(config) and ("text_encoder" not in config or "audio_encoder" not in config):
+        if not config.get("base"):
+            raise LoadError(f"{folder}/config.json names no base model for the text encoder and codec")
+        return load_base(config["base"])
+    state = read_state_dict(folder)
+    return load_text_encoder(folder, config, state), load_codec(config, state)
+
+
+def init_weights(lm: MusicGenLM, std: float = 0.02):
+    """GPT-style init for the from-scratch `tiny` LM: small normal weights, zero biases, unit norms."""
+    for m in lm.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+
+def build_model(cfg: TrainConfig):
+    """-> (MusicGen pipeline with a STAGE LM, base string to record in checkpoints)."""
+    from .pipeline import MusicGen
+
+    torch.manual_seed(cfg.seed)
+    base = str(Path(cfg.base).resolve()) if Path(cfg.base).expanduser().is_dir() else cfg.base
+    if cfg.preset == "small":  # the base's LM weights, with the context token appended
+        return MusicGen.from_pretrained(base, stage=True), base
+    text_encoder, codec = load_base(base)
+    overrides = {k: v for k, v in (("dim", cfg.dim), ("n_layers", cfg.layers), ("n_heads", cfg.heads)) if v}
+    lm_cfg = LMConfig.preset("tiny", text_dim=text_encoder.dim, n_special=2, card=codec.card,
+                             n_codebooks=codec.n_codebooks, **overrides)
+    lm = MusicGenLM(lm_cfg)
+    init_weights(lm)
+    return MusicGen(lm, text_encoder, codec).eval(), base
+
+
+def freeze_for_training(model):
+    """EnCodec and T5 frozen; the whole LM, text projection included, trained."""
+    for p in model.text_encoder.parameters():
+        p.requires_grad_(False)
+    for p in model.codec.parameters():
+        p.requires_grad_(False)
+    model.lm.train()
+
+
+def make_optimizer(lm: MusicGenLM, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
+    # No decay for norms and biases (1-D tensors), as is usual for transformers.
+    decay = [p for p in lm.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in lm.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+
+
+# ---- batches ------------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_contexts(codec, audios: list, special: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context audios (whole frames each) -> codes (B, K, C) right-aligned and lengths (B,).
+    Contexts of equal length are encoded as one batch; no row is ever padded with silence before
+    encoding, so each row's codes are exactly those of encoding it alone (as at inference)."""
+    lengths = [len(a) // codec.hop for a in audios]
+    C = max(lengths)
+    out = torch.full((len(audios), codec.n_codebooks, C), special, dtype=torch.long, device=device)
+    for n in sorted(set(lengths)):
+        rows = [i for i, m in enumerate(lengths) if m == n]
+        x = torch.from_numpy(np.stack([audios[i][: n * codec.hop] for i in rows])).to(device)[:, None]
+        codes = codec.encode(x)[..., :n]
+        out[rows, :, C - n:] = codes.long()
+    return out, torch.tensor(lengths, device=device)
+
+
+@torch.no_grad()
+def text_inputs(text_encoder, captions: list, drop: list, device, dtype=torch.float32):
+    """T5 states (B, L, text_dim) and mask (B, L). A dropped or empty caption is the null
+    condition: an all-false mask (and zero states after the projection)."""
+    use = [bool(c) and not d for c, d in zip(captions, drop)]
+    if not any(use):
+        return torch.zeros(len(captions), 1, text_encoder.dim, device=device, dtype=dtype), torch.zeros(len(captions), 1, dtype=torch.bool, device=device)
+    states, mask = text_encoder([c if u else "" for c, u in zip(captions, use)])
+    keep = torch.tensor(use, device=mask.device)[:, None]
+    return states.to(device, dtype), (mask & keep).to(device)
+
+
+def make_batch(model, examples: list[Example], drop_text: list, drop_context: list, device) -> dict:
+    lm_cfg = model.lm.cfg
+    context, lengths = encode_contexts(model.codec, [e.context for e in examples], lm_cfg.special_id, device)
+    target = torch.stack([e.codes for e in examples]).to(device)
+    seq = build_sequence(context, target, target.shape[-1], lm_cfg.special_id, lm_cfg.context_id, lengths,
+                         torch.tensor(drop_context, device=device))
+    states, mask = text_inputs(model.text_encoder, [e.caption for e in examples], drop_text, device)
+    return {"grid": seq.grid, "keep": seq.keep, "target": seq.target, "states": states, "mask": mask,
+            "context": context, "lengths": lengths, "codes": target}
+
+
+def draw_examples(windows, cfg: TrainConfig, step: int, micro: int, indices) -> tuple[list, list, list]:
+    """The examples of one micro-batch. Sample i of (step, micro) always comes from the same seed,
+    whichever process draws it: one process with batch 2B sees exactly what two with B see."""
+    examples, drop_text, drop_context = [], [], []
+    for i in indices:
+        rng = np.random.default_rng([cfg.seed, step, micro, i])
+        examples.append(windows.draw(rng))
+        drop_text.append(bool(rng.random() < cfg.p_text_drop))
+        drop_context.append(bool(rng.random() < cfg.p_context_drop))
+    return examples, drop_text, drop_context
+
+
+# ---- loss ---------------------------------------------------------------------------------------
+def target_loss(logits: torch.Tensor, grid: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on target-frame tokens only, averaged per codebook, then over codebooks.
+    logits[:, :, s-1] predict grid[:, :, s]."""
+    B, K, S, card = logits.shape
+    mask = target[:, :, 1:]
+    lg = logits[:, :, :-1][mask].float()  # (N, card)
+    y = grid[:, :, 1:][mask]
+    k = torch.arange(K, device=grid.device)[None, :, None].expand(B, K, S - 1)[mask]
+    ce = F.cross_entropy(lg, y, reduction="none")
+    per_k = torch.zeros(K, device=ce.device).index_add(0, k, ce) / torch.bincount(k, minlength=K).clamp(min=1)
+    return per_k.mean()
+
+
+class StageLoss(nn.Module):
+    """The LM with its loss, as one module, so that DistributedDataParallel sees the text
+    projection and the decoder used in one forward."""
+
+    def __init__(self, lm: MusicGenLM):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, grid, keep, target, states, mask):
+        text = self.lm.project_text(states, mask)
+        logits = self.lm(grid, text, mask, keep)
+        return target_loss(logits, grid, target)
+
+
+@torch.no_grad()
+def evaluate(lm: MusicGenLM, batches: list[dict], autocast) -> dict:
+    """Target-frame loss on held-out windows, with the real context and with the context dropped:
+    the gap between the two is what the context is worth to the model."""
+    was_training = lm.training
+    lm.eval()
+    loss_fn = StageLoss(lm)
+    totals = {"val_loss": 0.0, "val_loss_nocontext": 0.0}
+    lm_cfg = lm.cfg
+    for b in batches:
+        for name, drop in (("val_loss", False), ("val_loss_nocontext", True)):
+            B = b["codes"].shape[0]
+            seq = build_sequence(b["context"], b["codes"], b["codes"].shape[-1], lm_cfg.special_id, lm_cfg.context_id,
+                                 b["lengths"], torch.full((B,), drop, device=b["codes"].device))
+            with autocast():
+                totals[name] += float(loss_fn(seq.grid, seq.keep, seq.target, b["states"], b["mask"]))
+    lm.train(was_training)
+    return {k: v / max(1, len(batches)) for k, v in totals.items()}
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out: Path, lm: MusicGenLM, base: str, step: int, cfg: TrainConfig, optimizer):
+    """The run folder is the checkpoint: config.json + model.safetensors (loadable by
+    MusicGen.from_pretrained) and train_state.pt for resuming. Each file is written atomically;
+    both carry the step, so a crash between the two writes is detected on resume."""
+    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "identity": cfg.identity()}
+    write_atomic(out / STATE_FILE, lambda p: torch.save(state, p))
+    save_native(out, lm.state_dict(), lm.cfg, base, extra={"step": step, "train": cfg.to_json()})
+
+
+def has_checkpoint(out: Path) -> bool:
+    return (out / "config.json").exists() or (out / STATE_FILE).exists()
+
+
+def check_resumable(out: Path, cfg: TrainConfig) -> dict:
+    """Read and check a run folder before anything is built; returns its train state."""
+    if not (out / "config.json").exists() or not (out / STATE_FILE).exists():
+        raise UsageError(f"--resume: {out} holds no checkpoint (config.json and {STATE_FILE})")
+    config = read_config(out)
+    if not is_native(config) or "step" not in config:
+        raise UsageError(f"--resume: {out}/config.json is not a train.py checkpoint")
+    try:
+        state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UsageError(f"--resume: cannot read {out / STATE_FILE} ({type(e).__name__})") from None
+    if state.get("step") != config["step"]:
+        raise UsageError(f"--resume: {out} is inconsistent (model at step {config['step']}, optimizer at step "
+                         f"{state.get('step')}); an interrupted save? resume from a copy of an earlier checkpoint")
+    for k, v in cfg.identity().items():
+        if state["identity"].get(k) != v:
+            raise UsageError(f"--resume: the checkpoint in {out} was trained with {k}={state['identity'].get(k)!r}, not {v!r}")
+    return state
+
+
+def load_for_resume(out: Path):
+    """The pipeline from a run folder (T5 and EnCodec from the base it records) and that base."""
+    from .pipeline import MusicGen
+
+    return MusicGen.from_pretrained(str(out)), read_config(out).get("base")
+
+
+def log_metrics(out: Path, record: dict):
+    with open(out / METRICS_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def distributed_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))

@@ -1,0 +1,256 @@
+"""The stems dataset: layouts, windows and contexts, metronome pairs, beats, the code cache, bad files."""
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from stage_min import data as D
+from stage_min.metronome import click_track
+
+SR, HOP = 32000, 640
+
+
+class FakeCodec(torch.nn.Module):
+    """A codec stand-in whose codes are a readable function of the audio: the frame's mean |x|."""
+
+    def __init__(self, scale=1000):
+        super().__init__()
+        self.sample_rate, self.hop, self.frame_rate, self.bandwidth = SR, HOP, SR / HOP, 2.2
+        self.n_codebooks, self.card = 4, 2048
+        self.scale = torch.nn.Parameter(torch.tensor(float(scale)), requires_grad=False)
+        self.calls = 0
+
+    def encode(self, audio):
+        self.calls += 1
+        B, _, N = audio.shape
+        T = -(-N // HOP)
+        x = torch.nn.functional.pad(audio[:, 0], (0, T * HOP - N)).view(B, T, HOP).abs().mean(-1)
+        codes = (x * self.scale).long().clamp(0, 2047)
+        return torch.stack([codes, codes // 2, codes // 4, codes // 8], dim=1)
+
+
+def tone(seconds, freq=220.0, amp=0.5, start=0.0, stop=None):
+    t = np.arange(int(seconds * SR)) / SR
+    x = amp * np.sin(2 * np.pi * freq * t)
+    x[(t < start) | (t >= (stop if stop is not None else seconds))] = 0
+    return x.astype(np.float32)
+
+
+def write_song(folder, stems: dict, beats=None, caption=None):
+    folder.mkdir(parents=True)
+    for name, audio in stems.items():
+        path = folder / f"{name}.wav"
+        if "/" in name:
+            path.parent.mkdir(exist_ok=True)
+        sf.write(path, audio, SR, subtype="FLOAT")
+    if beats is not None:
+        (folder / "beats.txt").write_text("".join(f"{t} {p}\n" for t, p in beats))
+    if caption is not None:
+        (folder / "caption.txt").write_text(caption)
+
+
+def prepare(root, cfg, codec=None, cache=None, stats=None):
+    codec = codec or FakeCodec()
+    stats = stats or D.Stats()
+    cache = cache or root / ".cache"
+    out = [D.prepare_song(s, cfg, codec, "cpu", cache, D.codec_identity(codec), stats) for s in D.find_songs(root)]
+    return [s for s in out if s is not None], stats, codec
+
+
+BEATS = [(0.5 * i, i % 4 + 1) for i in range(12)]  # 120 BPM, 4/4, first beat a downbeat
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """One plain-layout song: drums only in 2..6 s, bass silent, chords and vocals everywhere."""
+    write_song(tmp_path / "songA", {
+        "drums": tone(6, 100, start=2.0), "bass": tone(6, 55, amp=0.001), "chords": tone(6, 330, amp=0.3),
+        "vocals": tone(6, 440, amp=0.4),
+    }, beats=BEATS, caption="a test song")
+    return tmp_path
+
+
+def test_layouts_plain_and_moisesdb(tmp_path):
+    write_song(tmp_path / "plain", {"drums": tone(2), "bass": tone(2), "mixture": tone(2)})
+    a, b = tone(2, 100, amp=0.2), tone(2, 150, amp=0.3)
+    write_song(tmp_path / "moises", {"drums/0c1d": a, "drums/9f2e": b, "bass/77aa": tone(2, 55)})
+    songs = {s.name: s for s in D.find_songs(tmp_path)}
+    assert set(songs) == {"plain", "moises"}
+    assert set(songs["plain"].stems) == {"drums", "bass"}  # the mixture is not a stem
+    assert set(songs["moises"].stems) == {"drums", "bass"}
+    assert len(songs["moises"].stems["drums"]) == 2
+    summed = D.load_stem(songs["moises"].stems["drums"], SR)
+    np.testing.assert_allclose(summed, a + b, atol=1e-6)  # all drum tracks summed into one stem
+    nested = tmp_path / "outer"  # one level deeper works too (moisesdb/moisesdb_v0.1/<song>)
+    (nested / "v0.1").mkdir(parents=True)
+    (tmp_path / "plain").rename(nested / "v0.1" / "plain")
+    assert [s.name for s in D.find_songs(nested)] == ["plain"]
+
+
+def test_missing_or_empty_data_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(D.DataError, match="does not exist"):
+        D.find_songs(tmp_path / "nope")
+    with pytest.raises(D.DataError, match="no songs"):
+        D.find_songs(tmp_path)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(D.DataError, match="is a file"):
+        D.find_songs(tmp_path / "notes.txt")
+
+
+def test_windows_and_contexts(dataset):
+    cfg = D.DataConfig(target="drums", target_seconds=1.0, context_min=0.5, context_max=1.0, context_step=0.25, p_metronome=0.0)
+    songs, stats, codec = prepare(dataset, cfg)
+    w = D.StemWindows(songs, cfg, codec.frame_rate, SR, stats)
+    assert w.n_target == 50 and w.context_lengths == [25, 38, 50]
+    sd = songs[0]
+    seen = set()
+    for i in range(60):
+        ex = w.draw(np.random.default_rng(i))
+        assert ex.codes.shape == (4, 50)
+        assert torch.equal(ex.codes, sd.codes[:, ex.start:ex.start + 50].long())
+        assert sd.peaks["drums"][ex.start:ex.start + 50].max() >= cfg.silence  # never a silent target
+        assert ex.start + 50 > 2.0 * 50  # the target is silent before 2 s
+        assert ex.context_stems == ["chords"]  # not the target, not vocals (excluded), not the silent bass
+        n = len(ex.context)
+        assert n % HOP == 0 and n // HOP in w.context_lengths
+        t0 = ex.start / 50
+        expected = D.read_segment(sd.song.stems["chords"], t0, n / SR, SR)
+        np.testing.assert_allclose(ex.context, expected)
+        assert ex.caption == "a test song" and not ex.metronome
+        seen.add(n // HOP)
+    assert len(seen) == 3  # every context length is drawn
+    # the same generator state gives the same example (what makes resume and DDP exact)
+    a, b = w.draw(np.random.default_rng([1, 2, 3])), w.draw(np.random.default_rng([1, 2, 3]))
+    assert a.start == b.start and np.array_equal(a.context, b.context)
+
+
+def test_context_is_a_random_nonempty_subset(tmp_path):
+    write_song(tmp_path / "s", {"drums": tone(4, 100), "bass": tone(4, 55), "chords": tone(4, 330), "keys": tone(4, 600),
+                                "vocals": tone(4, 440)})
+    cfg = D.DataConfig(target="drums", target_seconds=1.0, context_min=1.0, context_max=1.0, p_metronome=0.0)
+    songs, stats, codec = prepare(tmp_path, cfg)
+    w = D.StemWindows(songs, cfg, codec.frame_rate, SR, stats)
+    subsets = {tuple(w.draw(np.random.default_rng(i)).context_stems) for i in range(200)}
+    assert all(s and "vocals" not in s and "drums" not in s for s in subsets)
+    assert len(subsets) == 7  # all non-empty subsets of {bass, chords, keys}
+    cfg.exclude = ()  # vocals can be allowed
+    assert any("vocals" in w.draw(np.random.default_rng(i)).context_stems for i in range(100))
+
+
+def test_metronome_pairs(dataset):
+    cfg = D.DataConfig(target="drums", target_seconds=1.0, context_min=1.0, context_max=1.0, p_metronome=1.0)
+    songs, stats, codec = prepare(dataset, cfg)
+    w = D.StemWindows(songs, cfg, codec.frame_rate, SR, stats)
+    for i in range(10):
+        ex = w.draw(np.random.default_rng(i))
+        assert ex.metronome and ex.context_stems == []
+        t0 = ex.start / 50
+        times = np.array([t for t, _ in BEATS])
+        inside = (times >= t0) & (times < t0 + 1.0)
+        down = np.array([p == 1 for _, p in BEATS])[inside]
+        expected = click_track(times[inside] - t0, 1.0, sample_rate=SR, downbeats=down)
+        np.testing.assert_array_equal(ex.context, expected)
+        assert np.abs(ex.context).max() > 0.4
+    cfg.p_metronome = 0.5
+    n = sum(w.draw(np.random.default_rng(i)).metronome for i in range(200))
+    assert 70 <= n <= 130  # binomial(200, 0.5): far outside this only if p is not used
+    cfg.p_metronome = 0.0
+    assert not any(w.draw(np.random.default_rng(i)).metronome for i in range(50))
+
+
+def test_beats_file_format():
+    t, d = D.parse_beats("# comment\n0.5 1\n1.0 2\n1.5 3\n2.0 4\n2.5 1\n")
+    np.testing.assert_allclose(t, [0.5, 1.0, 1.5, 2.0, 2.5])
+    assert d.tolist() == [True, False, False, False, True]
+    t2, d2 = D.parse_beats(D.format_beats(t, d))
+    np.testing.assert_allclose(t2, t)
+    assert d2.tolist() == d.tolist()
+    _, d3 = D.parse_beats("0.1\n0.6\n1.1\n1.6\n2.1\n")  # no positions: every 4th beat from the first
+    assert d3.tolist() == [True, False, False, False, True]
+    for bad in ("abc\n", "1.0 1\n0.5 2\n", "-1\n"):
+        with pytest.raises(ValueError):
+            D.parse_beats(bad)
+
+
+def test_beat_tracker_runs_once_and_is_cached(tmp_path, monkeypatch):
+    write_song(tmp_path / "s", {"drums": tone(3, 100), "bass": tone(3, 55)})  # no beats.txt
+    calls = []
+
+    def fake_tracker(mix, sr):
+        calls.append(len(mix))
+        return np.array([0.25, 0.75, 1.25])
+
+    monkeypatch.setattr(D, "track_beats", fake_tracker)
+    cfg = D.DataConfig(target="drums", target_seconds=1.0, context_min=1.0, context_max=1.0)
+    songs, _, _ = prepare(tmp_path, cfg)
+    np.testing.assert_allclose(songs[0].beats, [0.25, 0.75, 1.25])
+    assert calls == [3 * SR]  # on the full mixture
+    songs, _, _ = prepare(tmp_path, cfg)
+    assert len(calls) == 1 and len(songs[0].beats) == 3
+
+
+def test_librosa_beat_tracker_finds_a_steady_tempo():
+    from stage_min.metronome import metronome
+
+    beats = D.track_beats(metronome(120, 8.0), SR)
+    assert len(beats) >= 10
+    assert abs(np.median(np.diff(beats)) - 0.5) < 0.03
+
+
+def test_code_cache_reused_and_invalidated(dataset):
+    cfg = D.DataConfig(target="drums", target_seconds=1.0, context_min=1.0, context_max=1.0)
+    songs, _, codec = prepare(dataset, cfg)
+    assert codec.calls == 1
+    first = songs[0].codes.clone()
+    songs, _, _ = prepare(dataset, cfg, codec=codec)
+    assert codec.calls == 1  # a cache hit: nothing encoded
+    assert torch.equal(songs[0].codes, first)
+    # another codec (other weights) never reuses these codes
+    other = FakeCodec(scale=2000)
+    songs, _, _ = prepare(dataset, cfg, codec=other)
+    assert other.calls == 1 and not torch.equal(songs[0].codes, first)
+    # changed audio invalidates the entry
+    sf.write(dataset / "songA" / "drums.wav", tone(6, 100, amp=0.9), SR, subtype="FLOAT")
+    songs, _, _ = prepare(dataset, cfg, codec=codec)
+    assert codec.calls == 2 and not torch.equal(songs[0].codes, first)
+    # a corrupt cache file is recomputed, not fatal
+    for f in (dataset / ".cache").iterdir():
+        f.write_bytes(b"garbage")
+    songs, _, _ = prepare(dataset, cfg, codec=codec)
+    assert codec.calls == 3 and len(songs) == 1
+
+
+def test_bad_files_are_skipped_and_counted(tmp_path, capsys):
+    write_song(tmp_path / "good", {"drums": tone(3, 100), "bass": tone(3, 55)}, beats=BEATS)
+    write_song(tmp_path / "bad_context", {"drums": tone(3, 100), "bass": tone(3, 55)}, beats=BEATS)
+    (tmp_path / "bad_context" / "bass.wav").write_bytes(b"RIFF not really a wav")
+    write_song(tmp_path / "bad_target", {"drums": tone(3, 100), "bass": tone(3, 55)})
+    (tmp_path / "bad_target" / "drums.wav").write_bytes(b"\x00" * 100)
+    write_song(tmp_path / "no_drums", {"bass": tone(3, 55)})
+    write_song(tmp_path / "short", {"drums": tone(0.5, 100), "bass": tone(0.5, 55)}, beats=BEATS)
+    (tmp_path / "good" / "beats.txt").write_text("not a number\n")
+    cfg = D.DataConfig(target="drums", target_seconds=1.0, context_min=1.0, context_max=1.0, p_metronome=0.0)
+    songs, stats, codec = prepare(tmp_path, cfg)
+    assert sorted(s.song.name for s in songs) == ["bad_context", "good", "short"]
+    assert stats.bad_files == 3  # two unreadable audio files and one unreadable beats.txt
+    assert stats.no_target == 2
+    err = capsys.readouterr().err
+    assert "warning: skipping" in err and "bad_context" in err and "bad_target" in err
+    assert "bass" not in songs[[s.song.name for s in songs].index("bad_context")].peaks
+    w = D.StemWindows(songs, cfg, codec.frame_rate, SR, stats)
+    assert stats.too_short == 1 and [s.song.name for s in w.songs] == ["bad_context", "good"]
+    ex = w.draw(np.random.default_rng(0))
+    assert ex.song == "good"  # the song whose only context stem is unreadable gives no mixture window
+    # when nothing usable is left: a clear error
+    with pytest.raises(D.DataError, match="no song"):
+        D.StemWindows([], cfg, codec.frame_rate, SR, stats)
+
+
+def test_split_is_deterministic_and_disjoint(tmp_path):
+    for i in range(10):
+        write_song(tmp_path / f"s{i}", {"drums": tone(0.1)})
+    songs = D.find_songs(tmp_path)
+    tr, va = D.split_songs(songs, 0.2, seed=0)
+    tr2, va2 = D.split_songs(songs, 0.2, seed=0)
+    assert [s.name for s in va] == [s.name for s in va2] and len(va) == 2 and len(tr) == 8
+    assert not {s.name for s in tr} & {s.name for s in va}

@@ -1,0 +1,200 @@
+"""Fine-tune MusicGen into STAGE: generate one stem given a mixture (or a click track) as a prefix.
+
+    python train.py --data DIR --target drums --preset small --out runs/drums [--base PATH_OR_HUB_ID]
+                    [--max-steps N] [--resume] ...
+    torchrun --nproc_per_node=N train.py ...          # DistributedDataParallel, same options
+
+The run folder is the checkpoint: `python sample.py --model runs/drums ...` loads it.
+"""
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from stage_min import data as D
+from stage_min import training as T
+from stage_min.audio import AudioError
+from stage_min.loading import LoadError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv=None) -> T.TrainConfig:
+    c, d = T.TrainConfig(), D.DataConfig()
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="stems dataset folder (one folder per song)")
+    p.add_argument("--target", required=True, help="stem to generate: drums, bass, ...")
+    p.add_argument("--out", required=True, help="run folder: checkpoint, metrics.jsonl")
+    p.add_argument("--preset", default=c.preset, help="tiny (random, CPU-sized) or small (pretrained base LM)")
+    p.add_argument("--base", default=c.base, help="model folder or hub id for T5, EnCodec (and the LM for small)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_windows", "save_every", "log_every", "seed",
+                 "dim", "layers", "heads"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(c, name))
+    for name in ("lr", "beta1", "beta2", "weight_decay", "clip", "p_text_drop", "p_context_drop"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(c, name))
+    for name in ("target_seconds", "context_min", "context_max", "context_step", "p_metronome", "silence", "val_fraction"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--exclude", default=",".join(d.exclude), help="stems never used in a context (comma list)")
+    p.add_argument("--cache-dir", default="", help="where encoded targets are cached (default DATA/.stage_min_cache)")
+    p.add_argument("--device", default="", help="cuda or cpu (default: cuda when available)")
+    a = p.parse_args(argv)
+    data_cfg = D.DataConfig(target=a.target.lower(), exclude=tuple(s.strip().lower() for s in a.exclude.split(",") if s.strip()),
+                            **{k: getattr(a, k) for k in ("target_seconds", "context_min", "context_max", "context_step",
+                                                          "p_metronome", "silence", "val_fraction")})
+    fields = {k: getattr(a, k) for k in T.TrainConfig.__dataclass_fields__ if k != "data_cfg" and hasattr(a, k)}
+    return T.TrainConfig(**fields, data_cfg=data_cfg), a.resume
+
+
+def train(cfg: T.TrainConfig, resume: bool):
+    cfg.check()
+    rank, world, local_rank = T.distributed_env()
+    master = rank == 0
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise T.UsageError("--device cuda asked for, but no CUDA device is available")
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise T.UsageError(f"--batch-size {cfg.batch_size} is not divisible by processes x --grad-accum = {world * cfg.grad_accum}")
+    micro_bs = cfg.batch_size // (world * cfg.grad_accum)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise T.UsageError(f"--out {out} is a file")
+    if resume:
+        state = T.check_resumable(out, cfg)
+    elif T.has_checkpoint(out):
+        raise T.UsageError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    songs = D.find_songs(cfg.data)  # before the (slow) model load: a bad --data fails fast
+    train_songs, val_songs = D.split_songs(songs, cfg.data_cfg.val_fraction, cfg.seed)
+
+    # ---- model, optimizer --------------------------------------------------------------------
+    if resume:
+        model, base = T.load_for_resume(out)  # the base recorded in the run, not --base
+    else:
+        model, base = T.build_model(cfg)
+    model = model.to(device)
+    T.freeze_for_training(model)
+    lm = model.lm
+    optimizer = T.make_optimizer(lm, cfg, fused=device.type == "cuda")
+    step = 0
+    if resume:
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise T.UsageError(f"--resume: the optimizer state in {out} does not fit this model ({e})") from None
+        T.set_rng_state(state["rng"])
+        step = state["step"]
+    ddp = T.StageLoss(lm)
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(ddp, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+
+    # ---- data: rank 0 fills the cache first, the others then read it -------------------------
+    codec = model.codec
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.data) / ".stage_min_cache"
+    codec_id = D.codec_identity(codec)
+    stats = D.Stats()
+
+    def prepare(song_list):
+        out_list = []
+        for s in tqdm(song_list, desc="songs", disable=not master or len(song_list) < 2, leave=False):
+            sd = D.prepare_song(s, cfg.data_cfg, codec, device, cache_dir, codec_id, stats)
+            if sd is not None:
+                out_list.append(sd)
+        return out_list
+
+    if world > 1 and not master:
+        dist.barrier()
+    train_data, val_data = prepare(train_songs), prepare(val_songs)
+    if world > 1 and master:
+        dist.barrier()
+    windows = D.StemWindows(train_data, cfg.data_cfg, codec.frame_rate, codec.sample_rate, stats)
+    val_windows = D.StemWindows(val_data, cfg.data_cfg, codec.frame_rate, codec.sample_rate, stats) if val_data else None
+    eval_batches = []
+    if val_windows is not None and master:  # fixed held-out windows, encoded once
+        ex = [val_windows.draw(np.random.default_rng([cfg.seed, 2**31, i])) for i in range(cfg.eval_windows)]
+        for i in range(0, len(ex), micro_bs):
+            chunk = ex[i:i + micro_bs]
+            eval_batches.append(T.make_batch(model, chunk, [False] * len(chunk), [False] * len(chunk), device))
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        n_params = sum(p.numel() for p in lm.parameters())
+        print(f"{len(windows.songs)} training songs, {len(val_data)} held out; {stats.summary()}; "
+              f"LM {n_params / 1e6:.1f}M parameters; {world} process(es), {micro_bs} x {cfg.grad_accum} per process", file=sys.stderr)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def save():
+        if master:
+            T.save_checkpoint(out, lm, base, step, cfg, optimizer)
+
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True)
+    t0, frames = time.time(), 0
+    try:
+        while step < cfg.max_steps:
+            loss_sum = 0.0
+            for micro in range(cfg.grad_accum):
+                first = rank * micro_bs
+                examples, drop_text, drop_ctx = T.draw_examples(windows, cfg, step, micro, range(first, first + micro_bs))
+                b = T.make_batch(model, examples, drop_text, drop_ctx, device)
+                sync = contextlib.nullcontext() if world == 1 or micro == cfg.grad_accum - 1 else ddp.no_sync()
+                with sync, autocast():
+                    loss = ddp(b["grid"], b["keep"], b["target"], b["states"], b["mask"]) / cfg.grad_accum
+                with sync:
+                    loss.backward()
+                loss_sum += loss.detach().item()
+                frames += b["codes"].numel() // b["codes"].shape[1]
+            torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if master and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                fps = frames * world / (time.time() - t0)
+                bar.set_postfix(loss=f"{loss_sum:.3f}", frames_s=f"{fps:.0f}")
+                T.log_metrics(out, {"step": step, "loss": loss_sum, "lr": cfg.lr, "target_frames_per_s": fps})
+                t0, frames = time.time(), 0
+            if master and eval_batches and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                metrics = T.evaluate(lm, eval_batches, autocast)
+                T.log_metrics(out, {"step": step, **metrics})
+                bar.write(f"step {step}: val loss {metrics['val_loss']:.3f} (context dropped: {metrics['val_loss_nocontext']:.3f})")
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
+                save()
+            bar.update(1)
+    except KeyboardInterrupt:
+        bar.close()
+        save()
+        if master:
+            print(f"interrupted: checkpoint at step {step} in {out}; continue with --resume", file=sys.stderr)
+        sys.exit(130)
+    bar.close()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if master:
+        print(f"done: step {step}, checkpoint in {out}", file=sys.stderr)
+
+
+def main(argv=None):
+    cfg, resume = parse_args(argv)
+    try:
+        train(cfg, resume)
+    except (T.UsageError, D.DataError, LoadError, AudioError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
