@@ -41,7 +41,7 @@ def parse_args(argv=None) -> T.TrainConfig:
     for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_windows", "save_every", "log_every", "seed",
                  "dim", "layers", "heads"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(c, name))
-    for name in ("lr", "beta1", "beta2", "weight_decay", "clip", "p_text_drop", "p_context_drop"):
+    for name in ("lr", "beta1", "beta2", "weight_decay", "clip", "p_text_drop", "p_context_drop", "p_word_drop"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(c, name))
     for name in ("target_seconds", "context_min", "context_max", "context_step", "p_metronome", "silence", "val_fraction"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))

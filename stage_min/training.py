@@ -5,7 +5,7 @@ train.py keeps the loop itself readable; what is here is the machinery around it
 import json
 import os
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ class TrainConfig:
     clip: float = 1.0
     p_text_drop: float = 0.5  # whole prompt dropped -> null condition
     p_context_drop: float = 0.1  # whole context removed (build_sequence's drop_context)
+    p_word_drop: float = 0.3  # T5 word dropout: each word of a kept prompt removed (MusicGen's and STAGE's 0.3)
     eval_every: int = 200
     eval_windows: int = 32
     save_every: int = 500
@@ -67,7 +68,7 @@ class TrainConfig:
             raise UsageError("--beta1 and --beta2 must be in [0, 1)")
         if self.weight_decay < 0 or not self.clip > 0:
             raise UsageError("--weight-decay must be >= 0 and --clip > 0")
-        for name in ("p_text_drop", "p_context_drop"):
+        for name in ("p_text_drop", "p_context_drop", "p_word_drop"):
             if not 0 <= getattr(self, name) <= 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name):g}")
         if min(self.dim, self.layers, self.heads) < 0:
@@ -187,13 +188,22 @@ def make_batch(model, examples: list[Example], drop_text: list, drop_context: li
             "context": context, "lengths": lengths, "codes": target}
 
 
+def drop_words(caption: str, p: float, rng: np.random.Generator) -> str:
+    """Word dropout on a prompt: each whitespace-separated word is removed with probability p."""
+    return " ".join(w for w in caption.split() if rng.random() >= p)
+
+
 def draw_examples(windows, cfg: TrainConfig, step: int, micro: int, indices) -> tuple[list, list, list]:
     """The examples of one micro-batch. Sample i of (step, micro) always comes from the same seed,
     whichever process draws it: one process with batch 2B sees exactly what two with B see."""
     examples, drop_text, drop_context = [], [], []
     for i in indices:
         rng = np.random.default_rng([cfg.seed, step, micro, i])
-        examples.append(windows.draw(rng))
+        example = windows.draw(rng)
+        if cfg.p_word_drop and example.caption:  # its own generator: the other draws stay as they were
+            words = np.random.default_rng([cfg.seed, step, micro, i, 1])
+            example = replace(example, caption=drop_words(example.caption, cfg.p_word_drop, words))
+        examples.append(example)
         drop_text.append(bool(rng.random() < cfg.p_text_drop))
         drop_context.append(bool(rng.random() < cfg.p_context_drop))
     return examples, drop_text, drop_context

@@ -254,3 +254,16 @@ def test_split_is_deterministic_and_disjoint(tmp_path):
     tr2, va2 = D.split_songs(songs, 0.2, seed=0)
     assert [s.name for s in va] == [s.name for s in va2] and len(va) == 2 and len(tr) == 8
     assert not {s.name for s in tr} & {s.name for s in va}
+
+
+def test_word_dropout_removes_words_at_the_given_rate():
+    import numpy as np
+
+    from stage_min.training import drop_words
+
+    caption = " ".join(f"w{i}" for i in range(2000))
+    kept = drop_words(caption, 0.3, np.random.default_rng(0)).split()
+    assert 0.65 < len(kept) / 2000 < 0.75
+    assert kept == [w for w in caption.split() if w in set(kept)]  # order kept, nothing invented
+    assert drop_words(caption, 0.0, np.random.default_rng(0)) == caption
+    assert drop_words(caption, 1.0, np.random.default_rng(0)) == ""

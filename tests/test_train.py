@@ -13,42 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import build_tiny_hf
-from stage_min import synth
+from stage_min import synth, tiny
 from stage_min import training as T
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-
-
-def informative_codec(folder, audio_files, seed=0, n_distinct=(32, 2, 2, 2)):
-    """Make the tiny random EnCodec of `folder` hear its input. A freshly initialised one does not:
-    its conv biases dominate, so every frame gets the same code and no model could learn anything
-    from the codes. Zero biases and unit-gain weight norms let the signal through; the codebooks
-    are then drawn from the latents of real (synthetic) audio, the way EnCodec initialises its own
-    codebooks from data, with few distinct entries per level so that codes are coarse and repeat (codebook 0 carries
-    most of the information, as in a trained codec)."""
-    from transformers import MusicgenForConditionalGeneration
-
-    model = MusicgenForConditionalGeneration.from_pretrained(folder)
-    codec = model.audio_encoder
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in codec.encoder.modules():
-            if isinstance(mod, torch.nn.Conv1d):
-                if mod.bias is not None:
-                    mod.bias.zero_()
-                for name, p in mod.named_parameters():
-                    if name.endswith("original0") or name == "weight_g":
-                        p.fill_(1.5)
-        x = torch.from_numpy(np.concatenate([sf.read(f, dtype="float32")[0][: 32000 * 4] for f in audio_files]))[None, None]
-        r = codec.encoder(x)[0].T  # (frames, latent dim)
-        for layer, n in zip(codec.quantizer.layers, n_distinct):
-            cb = r[torch.randint(len(r), (n,), generator=g)]
-            rows = layer.codebook.embed.shape[0]
-            layer.codebook.embed.copy_(cb.repeat(rows // n + 1, 1)[:rows])
-            r = r - cb[torch.cdist(r, cb).argmin(1)]
-    model.save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +30,7 @@ def setup(tmp_path_factory):
     base = root / "base"
     base.mkdir()
     build_tiny_hf(base)
-    informative_codec(base, sorted(data.glob("song_00[0-5]/drums.wav")) + sorted(data.glob("song_00[0-5]/bass.wav")))
+    tiny.make_codec_hear(base, sorted(data.glob("song_00[0-5]/drums.wav")) + sorted(data.glob("song_00[0-5]/bass.wav")))
     return base, data
 
 
