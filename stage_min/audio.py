@@ -10,6 +10,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from .loading import with_default_mode
+
 
 class AudioError(Exception):
     """An input file cannot be used; the message says why."""
@@ -51,6 +53,7 @@ def save_audio(path: str | Path, audio: np.ndarray, sample_rate: int):
     os.close(fd)
     try:
         sf.write(tmp, audio, sample_rate, format=(path.suffix[1:] or "wav").upper() if path.suffix else "WAV")
+        with_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

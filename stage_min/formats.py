@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .loading import (LoadError, is_native, lm_config_from_hf, lm_config_from_native, lm_state_from_hf, lm_state_to_hf,
+from .loading import (LoadError, is_native, lm_config_from_hf, lm_config_from_native, lm_state_from_hf, lm_state_to_hf, with_default_mode,
                       read_config, read_state_dict, resolve_model_dir, submodule_state)
 from .model import LMConfig
 
@@ -394,6 +394,7 @@ def _write_folder(dst: Path, fill):
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
         fill(tmp)
+        with_default_mode(tmp)
         if dst.exists():
             dst.rmdir()
         tmp.rename(dst)

@@ -214,12 +214,21 @@ def lm_config_from_native(config: dict) -> LMConfig:
         raise LoadError(f"native config.json 'lm' section does not fit this version: {e}") from None
 
 
+def with_default_mode(path: Path):
+    """Give a file (or folder) made under a temporary name the permissions a plain open() would
+    have given it: temporary files are created private (0600/0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask)
+
+
 def write_atomic(path: Path, write):
     """write(tmp_path) then rename onto path, so a crash never leaves a half-written file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         write(tmp)
+        with_default_mode(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

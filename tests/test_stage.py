@@ -139,3 +139,19 @@ def test_peak_normalize_only_scales_down():
     assert np.array_equal(peak_normalize(quiet), quiet)
     loud = np.array([2.0, -4.0], dtype=np.float32)
     assert np.allclose(peak_normalize(loud), [0.495, -0.99])
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    import os
+
+    from stage_min.audio import save_audio
+    from stage_min.loading import write_atomic
+
+    umask = os.umask(0o022)
+    try:
+        save_audio(tmp_path / "x.wav", np.zeros(320, dtype=np.float32), 32000)
+        write_atomic(tmp_path / "c.json", lambda p: p.write_text("{}"))
+    finally:
+        os.umask(umask)
+    for name in ("x.wav", "c.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
