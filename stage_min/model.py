@@ -286,12 +286,11 @@ class MusicGenLM(nn.Module):
     def prefill(self, codes, keep=None):
         """Run steps 0..P-1 into the cache; returns logits (B, K, card) of the last step."""
         B, K, P = codes.shape
+        if not self.cfg.attend_start_step:
+            keep = without_start_step(keep, B, P, codes.device)
         if keep is not None:
             self.cache_keep[:, :P] = keep
             self.n_dropped.copy_((~keep).sum(-1))
-        if not self.cfg.attend_start_step:
-            self.cache_keep[:, :P] = without_start_step(self.cache_keep[:, :P], B, P, codes.device)
-            self.n_dropped.copy_((~self.cache_keep[:, :P]).sum(-1))
         positions = positions_from_keep(self.cache_keep[:, :P])
         x = self._cached(codes, torch.arange(P, device=codes.device), positions)
         return self._logits(x[:, -1:])[:, :, 0]
