@@ -8,6 +8,8 @@ The run folder is the checkpoint: `python sample.py --model runs/drums ...` load
 """
 import argparse
 import contextlib
+import datetime
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +31,7 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def parse_args(argv=None) -> T.TrainConfig:
+def parse_args(argv=None) -> tuple[T.TrainConfig, bool]:
     c, d = T.TrainConfig(), D.DataConfig()
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="stems dataset folder (one folder per song)")
@@ -60,14 +62,18 @@ def train(cfg: T.TrainConfig, resume: bool):
     cfg.check()
     rank, world, local_rank = T.distributed_env()
     master = rank == 0
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise T.UsageError(f"--device must be cpu, cuda or cuda:N, got {cfg.device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise T.UsageError("--device cuda asked for, but no CUDA device is available")
     if world > 1:
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # rank 0 encodes and beat-tracks every song on a first run while the others wait at a barrier
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=4))
     if cfg.batch_size % (world * cfg.grad_accum):
         raise T.UsageError(f"--batch-size {cfg.batch_size} is not divisible by processes x --grad-accum = {world * cfg.grad_accum}")
     micro_bs = cfg.batch_size // (world * cfg.grad_accum)
@@ -79,6 +85,14 @@ def train(cfg: T.TrainConfig, resume: bool):
     elif T.has_checkpoint(out):
         raise T.UsageError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     songs = D.find_songs(cfg.data)  # before the (slow) model load: a bad --data fails fast
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.data) / ".stage_min_cache"
+    for folder, flag in ((out, "--out"), (cache_dir, "--cache-dir")):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise T.UsageError(f"{flag} {folder}: cannot create it ({e.strerror})") from None
+        if not os.access(folder, os.W_OK):
+            raise T.UsageError(f"{flag} {folder} is not writable")
     train_songs, val_songs = D.split_songs(songs, cfg.data_cfg.val_fraction, cfg.seed)
 
     # ---- model, optimizer --------------------------------------------------------------------
@@ -96,6 +110,8 @@ def train(cfg: T.TrainConfig, resume: bool):
             optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as e:
             raise T.UsageError(f"--resume: the optimizer state in {out} does not fit this model ({e})") from None
+        for group in optimizer.param_groups:  # the options given now win over the saved ones (e.g. a lower --lr)
+            group["lr"], group["betas"] = cfg.lr, (cfg.beta1, cfg.beta2)
         T.set_rng_state(state["rng"])
         step = state["step"]
     ddp = T.StageLoss(lm)
@@ -105,7 +121,6 @@ def train(cfg: T.TrainConfig, resume: bool):
 
     # ---- data: rank 0 fills the cache first, the others then read it -------------------------
     codec = model.codec
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.data) / ".stage_min_cache"
     codec_id = D.codec_identity(codec)
     stats = D.Stats()
 
@@ -143,17 +158,20 @@ def train(cfg: T.TrainConfig, resume: bool):
 
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True)
     t0, frames = time.time(), 0
+    stop = T.StopFlag()  # Ctrl-C lands between steps, never inside an optimizer update
     try:
         while step < cfg.max_steps:
+            if stop.requested:
+                raise KeyboardInterrupt
             loss_sum = 0.0
             for micro in range(cfg.grad_accum):
                 first = rank * micro_bs
                 examples, drop_text, drop_ctx = T.draw_examples(windows, cfg, step, micro, range(first, first + micro_bs))
                 b = T.make_batch(model, examples, drop_text, drop_ctx, device)
-                sync = contextlib.nullcontext() if world == 1 or micro == cfg.grad_accum - 1 else ddp.no_sync()
-                with sync, autocast():
-                    loss = ddp(b["grid"], b["keep"], b["target"], b["states"], b["mask"]) / cfg.grad_accum
-                with sync:
+                # DDP averages gradients on the last micro-batch only; no_sync() is single-use, one per micro-batch
+                with contextlib.nullcontext() if world == 1 or micro == cfg.grad_accum - 1 else ddp.no_sync():
+                    with autocast():
+                        loss = ddp(b["grid"], b["keep"], b["target"], b["states"], b["mask"]) / cfg.grad_accum
                     loss.backward()
                 loss_sum += loss.detach().item()
                 frames += b["codes"].numel() // b["codes"].shape[1]
@@ -173,7 +191,9 @@ def train(cfg: T.TrainConfig, resume: bool):
             if step % cfg.save_every == 0 or step == cfg.max_steps:
                 save()
             bar.update(1)
+        stop.restore()
     except KeyboardInterrupt:
+        stop.restore()
         bar.close()
         save()
         if master:

@@ -64,8 +64,8 @@ class DataConfig:
         if not 0 < self.context_min <= self.context_max <= self.target_seconds:
             raise ValueError(f"need 0 < --context-min <= --context-max <= --target-seconds, got "
                              f"{self.context_min:g}, {self.context_max:g}, {self.target_seconds:g}")
-        if not self.context_step > 0:
-            raise ValueError(f"--context-step must be > 0, got {self.context_step:g}")
+        if not self.context_step >= 0.02:  # one codec frame: a finer grid only makes more batches
+            raise ValueError(f"--context-step must be >= 0.02 s (one frame), got {self.context_step:g}")
         if not 0 <= self.p_metronome <= 1:
             raise ValueError(f"--p-metronome must be in [0, 1], got {self.p_metronome:g}")
         if not 0 <= self.val_fraction < 1:
@@ -271,7 +271,9 @@ def prepare_song(song: Song, cfg: DataConfig, codec, device, cache_dir: Path, co
             usable[stem] = files
         except OSError as e:
             stats.warn_file(f"{song.name}/{stem}: {e}")
-    key_src = json.dumps([CACHE_VERSION, cfg.target, codec_id, sr, {s: file_key(f) for s, f in sorted(usable.items())}])
+    # whether beats are annotated is part of the key: a cache made with beats.txt holds no tracked beats
+    key_src = json.dumps([CACHE_VERSION, cfg.target, codec_id, sr, song.beats_file is None,
+                          {s: file_key(f) for s, f in sorted(usable.items())}])
     key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
     path = cache_dir / f"{song.name}.{cfg.target}.{key}.pt"
     cached = None

@@ -87,20 +87,42 @@ def read_checkpoint(name: str, t5: str | None = None) -> Checkpoint:
     """Any supported layout -> Checkpoint. `t5` (folder or hub id) serves the layouts that do not
     bundle t5-base's config and tokenizer (audiocraft, STAGE); default google-t5/t5-base."""
     layout, path = detect_layout(name)
-    return {"hf": _read_hf, "native": _read_native, "audiocraft": _read_audiocraft, "stage": _read_stage}[layout](path, t5)
+    read = {"hf": _read_hf, "native": _read_native, "audiocraft": _read_audiocraft, "stage": _read_stage}[layout]
+    try:
+        return read(path, t5)
+    except KeyError as e:  # a key the layout needs is not there (in the weights or in config.json)
+        raise LoadError(f"{path}: not a complete {layout} checkpoint: missing {e}") from None
+    except (ValueError, TypeError, IndexError) as e:  # shapes or settings that describe no valid model
+        raise LoadError(f"{path}: not a valid {layout} checkpoint ({type(e).__name__}: {e})") from None
+
+
+def _no_other_keys(state: dict, prefixes: tuple, where):
+    """Strictness at the top level: every stored tensor must belong to a part we load."""
+    other = [k for k in state if not k.startswith(prefixes)]
+    if other:
+        more = f" (and {len(other) - 1} more)" if len(other) > 1 else ""
+        raise LoadError(f"{where}: unexpected key {other[0]}{more}")
 
 
 # ---- transformers and native ----------------------------------------------------------------------
 def _read_hf(folder: Path, t5) -> Checkpoint:
     config, state = read_config(folder), read_state_dict(folder)
+    _no_other_keys(state, ("decoder.", "enc_to_dec_proj.", "text_encoder.", "audio_encoder."), folder)
+    for part in ("text_encoder", "audio_encoder"):
+        if part not in config:
+            raise LoadError(f"{folder}/config.json has no '{part}' section")
     cfg = lm_config_from_hf(config, state)
     return Checkpoint("hf", cfg, lm_state_from_hf(state, cfg), config, state, folder)
 
 
 def _read_native(folder: Path, t5) -> Checkpoint:
     config, state = read_config(folder), read_state_dict(folder)
+    _no_other_keys(state, ("lm.", "text_encoder.", "audio_encoder."), folder)
     cfg, lm_state = lm_config_from_native(config), submodule_state(state, "lm.")
-    if "text_encoder" not in config or "audio_encoder" not in config:  # T5 + EnCodec come from the base model
+    bundled = any(k.startswith(("text_encoder.", "audio_encoder.")) for k in state)
+    if bundled and ("text_encoder" not in config or "audio_encoder" not in config):
+        raise LoadError(f"{folder} holds text encoder / codec weights but config.json lacks their sections")
+    if not bundled:  # T5 + EnCodec come from the base model
         if not config.get("base"):
             raise LoadError(f"{folder}/config.json names no base model for the text encoder and codec")
         folder = resolve_model_dir(config["base"])
@@ -394,7 +416,8 @@ def _write_folder(dst: Path, fill):
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
         fill(tmp)
-        with_default_mode(tmp)
+        for path in [tmp, *tmp.rglob("*")]:
+            with_default_mode(path)
         if dst.exists():
             dst.rmdir()
         tmp.rename(dst)
@@ -430,7 +453,7 @@ def export_native(model, dst, extra: dict | None = None):
 def export_hf(model, dst):
     """transformers' MusicGen layout (MusicgenForConditionalGeneration.from_pretrained loads it).
     Only plain MusicGen fits: transformers has no context token and no STAGE masking."""
-    from transformers import MusicgenConfig, MusicgenDecoderConfig
+    from transformers import GenerationConfig, MusicgenConfig, MusicgenDecoderConfig
 
     cfg = model.lm.cfg
     if cfg.n_special != 1 or cfg.zero_special_row or not cfg.attend_start_step:
@@ -442,9 +465,15 @@ def export_hf(model, dst):
                                     num_attention_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim, num_codebooks=cfg.n_codebooks)
     config = MusicgenConfig(text_encoder=configs["text_encoder"], audio_encoder=configs["audio_encoder"], decoder=decoder.to_dict())
 
+    # MusicGen's sampling defaults, as the facebook/musicgen-* repos ship them: without this file
+    # transformers' generate() would decode greedily, without guidance, for 20 steps
+    generation = GenerationConfig(do_sample=True, guidance_scale=3.0, top_k=250, max_length=1500,
+                                  bos_token_id=cfg.card, pad_token_id=cfg.card, decoder_start_token_id=cfg.card)
+
     def fill(tmp):
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         (tmp / "spiece.model").write_bytes(spiece)
+        generation.save_pretrained(tmp)
 
     _write_folder(dst, fill)

@@ -5,6 +5,7 @@ naming it. Nothing is ever loaded partially.
 """
 import json
 import os
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,8 +33,8 @@ def resolve_model_dir(name: str) -> Path:
     parts = name.split("/")
     if len(parts) != 2 or name.startswith((".", "/", "~")) or not all(parts):
         raise LoadError(f"model folder {name} not found")
-    local = WEIGHTS_DIR / parts[1]
-    if (local / "config.json").exists():
+    local = WEIGHTS_DIR / name.replace("/", "--")  # the owner too: a fine-tune may share the repo name
+    if (local / "config.json").exists() and has_weights(local):  # else a download was cut short: resume it
         return local
     try:
         from huggingface_hub import snapshot_download
@@ -45,6 +46,16 @@ def resolve_model_dir(name: str) -> Path:
             f"(huggingface-cli download {name} --local-dir {local})"
         ) from None
     return local
+
+
+def has_weights(folder: Path) -> bool:
+    index = next((folder / i for i in ("model.safetensors.index.json", "pytorch_model.bin.index.json") if (folder / i).exists()), None)
+    if index is not None:
+        try:
+            return all((folder / shard).exists() for shard in json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError):
+            return False
+    return (folder / "model.safetensors").exists() or (folder / "pytorch_model.bin").exists()
 
 
 # ---- reading files ------------------------------------------------------------------------------
@@ -225,7 +236,9 @@ def with_default_mode(path: Path):
 def write_atomic(path: Path, write):
     """write(tmp_path) then rename onto path, so a crash never leaves a half-written file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # unique: runs may share a folder
+    os.close(fd)
+    tmp = Path(tmp)
     try:
         write(tmp)
         with_default_mode(tmp)

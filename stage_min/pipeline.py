@@ -101,7 +101,10 @@ class MusicGen(torch.nn.Module):
     def encode_context(self, audio: torch.Tensor) -> torch.Tensor:
         """Mono audio (samples,) -> codes (1, K, frames); cut to whole frames first."""
         hop = self.codec.hop
-        audio = torch.as_tensor(audio, dtype=torch.float32)[: (audio.shape[-1] // hop) * hop]
+        audio = torch.as_tensor(audio, dtype=torch.float32)
+        if audio.dim() != 1:
+            raise ValueError(f"a context is mono audio of shape (samples,), got shape {tuple(audio.shape)}")
+        audio = audio[: (audio.shape[-1] // hop) * hop]
         if audio.numel() == 0:
             raise ValueError(f"context shorter than one frame ({hop} samples)")
         dtype = next(self.codec.parameters()).dtype

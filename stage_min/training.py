@@ -5,6 +5,7 @@ train.py keeps the loop itself readable; what is here is the machinery around it
 import json
 import os
 import random
+import signal
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -82,7 +83,9 @@ class TrainConfig:
 
     def identity(self) -> dict:
         """What a resumed run must share with the checkpoint it continues."""
-        return {"preset": self.preset, "target": self.data_cfg.target, "dim": self.dim, "layers": self.layers, "heads": self.heads}
+        # seed and val_fraction decide which songs are held out: changing them would leak eval songs into training
+        return {"preset": self.preset, "target": self.data_cfg.target, "dim": self.dim, "layers": self.layers,
+                "heads": self.heads, "seed": self.seed, "val_fraction": self.data_cfg.val_fraction}
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -138,6 +141,24 @@ def freeze_for_training(model):
     for p in model.codec.parameters():
         p.requires_grad_(False)
     model.lm.train()
+
+
+class StopFlag:
+    """Ctrl-C sets `requested` instead of raising, so that training stops between two optimizer
+    steps (a checkpoint never holds a half-applied update). A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGINT, self.previous)
 
 
 def make_optimizer(lm: MusicGenLM, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:

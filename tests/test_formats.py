@@ -6,6 +6,7 @@ from x-transformers 1.26.0 modules set up as the STAGE code sets them up. Logits
 the reference implementation of each layout (transformers, x-transformers).
 """
 import shutil
+import os
 import subprocess
 import sys
 
@@ -309,6 +310,13 @@ def test_export_hf_reloads_in_transformers(audiocraft_dir, t5_dir, tmp_path):
     assert (our_logits(MusicGen.from_pretrained(str(tmp_path / "hf")), grid) - expected).abs().max().item() <= TOL
     audio = torch.randn(1, 1, 6400, generator=torch.Generator().manual_seed(2))
     assert torch.equal(hf.audio_encoder.encode(audio, bandwidth=2.2).audio_codes[0], ours.codec.encode(audio))
+    # transformers' generate() gets MusicGen's sampling defaults, and the files ordinary permissions
+    assert hf.generation_config.do_sample and hf.generation_config.guidance_scale == 3.0
+    assert hf.generation_config.decoder_start_token_id == 2048
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (tmp_path / "hf").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
 
 
 # ---- the converter command ----------------------------------------------------------------------

@@ -81,6 +81,26 @@ def test_tolerated_differences_of_older_hub_files(tiny_hf, tmp_path):
     assert torch.equal(reference_logits(MusicGen.from_pretrained(str(folder))), reference_logits(MusicGen.from_pretrained(str(tiny_hf[0]))))
 
 
+def test_unknown_top_level_keys_and_sections_are_errors(tiny_hf, tmp_path):
+    folder = copy_with_state(tiny_hf[0], tmp_path / "extra", lambda s: s.update({"bogus.weight": torch.zeros(1)}))
+    with pytest.raises(LoadError, match="unexpected key bogus.weight"):
+        MusicGen.from_pretrained(str(folder))
+    import json
+
+    no_audio = tmp_path / "no_audio"
+    shutil.copytree(tiny_hf[0], no_audio)
+    config = json.loads((no_audio / "config.json").read_text())
+    del config["audio_encoder"]
+    (no_audio / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LoadError, match="no 'audio_encoder' section"):
+        MusicGen.from_pretrained(str(no_audio))
+    del config["decoder"]["num_hidden_layers"]
+    config["audio_encoder"] = {}
+    (no_audio / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LoadError, match="missing 'num_hidden_layers'"):
+        MusicGen.from_pretrained(str(no_audio))
+
+
 def test_missing_pieces(tiny_hf, tmp_path):
     with pytest.raises(LoadError, match="not found"):
         MusicGen.from_pretrained(str(tmp_path / "nowhere"))
@@ -107,15 +127,20 @@ def test_hub_id_downloads_into_weights_then_reuses(tiny_hf, tmp_path, monkeypatc
 
     def fake_download(repo_id, local_dir, allow_patterns):
         calls.append((repo_id, allow_patterns))
-        shutil.copytree(tiny_hf[0], local_dir)
+        shutil.copytree(tiny_hf[0], local_dir, dirs_exist_ok=True)  # a real download resumes in place
 
     monkeypatch.setattr(loading, "WEIGHTS_DIR", tmp_path / "weights")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
     model = MusicGen.from_pretrained("someone/tiny-musicgen")
     assert calls == [("someone/tiny-musicgen", loading.HUB_FILES)]
-    assert (tmp_path / "weights" / "tiny-musicgen" / "config.json").exists()
+    assert (tmp_path / "weights" / "someone--tiny-musicgen" / "config.json").exists()
     MusicGen.from_pretrained("someone/tiny-musicgen")  # second time: from weights/, no download
     assert len(calls) == 1
+    MusicGen.from_pretrained("other/tiny-musicgen")  # same name, another owner: its own folder
+    assert [c[0] for c in calls] == ["someone/tiny-musicgen", "other/tiny-musicgen"]
+    (tmp_path / "weights" / "other--tiny-musicgen" / "model.safetensors").unlink()  # a download cut short
+    MusicGen.from_pretrained("other/tiny-musicgen")
+    assert len(calls) == 3
     assert model.lm.cfg.dim == 64
 
 
@@ -130,7 +155,7 @@ def test_hub_id_offline_says_where_to_put_files(tmp_path, monkeypatch):
     with pytest.raises(LoadError) as err:
         MusicGen.from_pretrained("facebook/musicgen-small")
     msg = str(err.value)
-    assert "could not download facebook/musicgen-small" in msg and str(tmp_path / "weights" / "musicgen-small") in msg
+    assert "could not download facebook/musicgen-small" in msg and str(tmp_path / "weights" / "facebook--musicgen-small") in msg
     assert "huggingface-cli download" in msg
 
 
