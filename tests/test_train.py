@@ -161,11 +161,13 @@ def test_cli_error_from_a_real_process_has_no_traceback(tmp_path):
     assert r.stderr.strip().splitlines() == [f"error: data folder {tmp_path / 'none'} does not exist"]
 
 
-def test_ddp_step_equals_single_process(setup, tmp_path):
-    """torchrun with 2 CPU processes (gloo), batch 2 each == one process with batch 4."""
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_ddp_step_equals_single_process(setup, tmp_path, grad_accum):
+    """torchrun with 2 CPU processes (gloo), batch 2 each == one process with batch 4; also with
+    gradient accumulation, where DDP must skip the gradient sync on all but the last micro-batch."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single, multi = tmp_path / "single", tmp_path / "multi"
-    common = ["--p-text-drop", "0.5", "--p-context-drop", "0.5", "--p-metronome", "0.5"]
+    common = ["--p-text-drop", "0.5", "--p-context-drop", "0.5", "--p-metronome", "0.5", "--grad-accum", str(grad_accum)]
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), *args(setup, single, *common, steps=1)],
                        capture_output=True, text=True, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -173,7 +175,7 @@ def test_ddp_step_equals_single_process(setup, tmp_path):
                         str(ROOT / "train.py"), *args(setup, multi, *common, steps=1)],
                        capture_output=True, text=True, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "2 process(es), 2 x 1 per process" in r.stderr
+    assert f"2 process(es), {2 // grad_accum} x {grad_accum} per process" in r.stderr
     a, b = lm_weights(single), lm_weights(multi)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=2e-6, rtol=0), (k, (a[k] - b[k]).abs().max())
