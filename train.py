@@ -175,6 +175,10 @@ def train(cfg: T.TrainConfig, resume: bool):
                     loss.backward()
                 loss_sum += loss.detach().item()
                 frames += b["codes"].numel() // b["codes"].shape[1]
+            if world > 1:  # log the global batch's loss, not rank 0's share of it
+                total = torch.tensor([loss_sum], device=device)
+                dist.all_reduce(total)
+                loss_sum = total.item() / world
             torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
