@@ -131,13 +131,16 @@ def _read_native(folder: Path, t5) -> Checkpoint:
 
 
 # ---- t5-base from its own folder ------------------------------------------------------------------
-def _read_t5(t5: str | None) -> tuple[dict, dict, Path]:
+def _read_t5(t5: str | None, weights: bool = True) -> tuple[dict, dict, Path]:
     """t5-base's config, encoder weights (as text_encoder.*) and folder. Its hub folder holds the whole
-    encoder-decoder (T5ForConditionalGeneration); only the encoder and the shared embedding are kept."""
+    encoder-decoder (T5ForConditionalGeneration); only the encoder and the shared embedding are kept.
+    weights=False skips reading them (about 900 MB) when a checkpoint bundles its own T5."""
     folder = resolve_model_dir(t5 or DEFAULT_T5)
     config = read_config(folder)
     if config.get("model_type") != "t5":
         raise LoadError(f"{folder} is not a T5 model folder (config.json model_type is {config.get('model_type')!r})")
+    if not weights:
+        return config, {}, folder
     state = read_state_dict(folder)
     keep = {f"text_encoder.{k}": v for k, v in state.items() if k.startswith(("encoder.", "shared."))}
     return config, _tied_t5(keep), folder
@@ -390,8 +393,8 @@ def _read_stage(path: Path, t5) -> Checkpoint:
     if not codec_best:
         raise LoadError(f"STAGE checkpoint {path.name} has no EnCodec weights ({STAGE_CODEC}*)")
     codec_config, codec_state = _codec_from_audiocraft(codec_best, {}, f"STAGE checkpoint {path.name}: codec weights")
-    t5_config, t5_state, t5_dir = _read_t5(t5)
     bundled_t5 = {f"text_encoder.{k}": v for k, v in submodule_state(state, STAGE_TEXT + "t5.").items()}
+    t5_config, t5_state, t5_dir = _read_t5(t5, weights=not bundled_t5)
     known = (STAGE_LM, STAGE_CODEC, STAGE_TEXT + "t5.", STAGE_TEXT + "output_proj.")
     extra = list(lm_part) + [k for k in state if not k.startswith(known)]
     if extra:
