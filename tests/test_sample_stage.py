@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -105,6 +106,9 @@ CASES = [
     (["--bpm", "nan", "--duration", "2"], "--bpm must be > 0"),
     (["--context", "{d}/good.wav", "--duration", "40"], "--duration at most"),
     (["--context", "{d}/good.wav", "--top-k", "many"], "invalid int value"),
+    (["--context", "{d}/good.wav", "--device", "gpu"], "--device must be cpu, cuda"),
+    pytest.param(["--context", "{d}/good.wav", "--device", "cuda"], "no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is there")),
 ]
 
 
