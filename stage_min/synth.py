@@ -9,8 +9,9 @@ The stems are deliberately coupled, so that a model can learn in few steps that 
 tells it about the target: the kick pattern changes every bar at random and the bass plays on
 every kick, so only the context says where the next kick falls; the drum kit is tuned to the
 song's key (over two octaves, so that kits differ clearly), busy songs have both sixteenth-note hats
-and eighth-note chord stabs, and beat periods are whole codec frames (20 ms multiples), so that a
-hit always looks the same to the codec.
+and eighth-note chord stabs, and beat periods are whole codec frames (20 ms multiples), so that
+every hit on a beat looks the same to the codec (off-beat eighths fall mid-frame when a beat is an
+odd number of frames).
 """
 import argparse
 import sys
