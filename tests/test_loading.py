@@ -152,8 +152,9 @@ def test_hub_id_offline_says_where_to_put_files(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loading, "WEIGHTS_DIR", tmp_path / "weights")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    hub_id = "facebook/musicgen-small"  # nothing is fetched: snapshot_download is the stand-in above
     with pytest.raises(LoadError) as err:
-        MusicGen.from_pretrained("facebook/musicgen-small")
+        MusicGen.from_pretrained(hub_id)
     msg = str(err.value)
     assert "could not download facebook/musicgen-small" in msg and str(tmp_path / "weights" / "facebook--musicgen-small") in msg
     assert "huggingface-cli download" in msg
