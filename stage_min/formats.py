@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .loading import (LoadError, is_native, lm_config_from_hf, lm_config_from_native, lm_state_from_hf, lm_state_to_hf, with_default_mode,
+from .loading import (LoadError, gather, is_native, name_first, lm_config_from_hf, lm_config_from_native, lm_state_from_hf, lm_state_to_hf, with_default_mode,
                       read_config, read_state_dict, resolve_model_dir, submodule_state)
 from .model import LMConfig
 
@@ -100,8 +100,7 @@ def _no_other_keys(state: dict, prefixes: tuple, where):
     """Strictness at the top level: every stored tensor must belong to a part we load."""
     other = [k for k in state if not k.startswith(prefixes)]
     if other:
-        more = f" (and {len(other) - 1} more)" if len(other) > 1 else ""
-        raise LoadError(f"{where}: unexpected key {other[0]}{more}")
+        raise LoadError(f"{where}: {name_first('unexpected key', other)}")
 
 
 # ---- transformers and native ----------------------------------------------------------------------
@@ -235,7 +234,7 @@ def _apply_table(state: dict, table, what: str) -> dict:
     used = {src for _, src, _ in table}
     extra = [k for k in state if k not in used]
     if extra:
-        raise LoadError(f"{what}: unexpected key {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        raise LoadError(f"{what}: {name_first('unexpected key', extra)}")
     return ours
 
 
@@ -383,12 +382,7 @@ def _read_stage(path: Path, t5) -> Checkpoint:
             raise LoadError(f"STAGE checkpoint {path.name}: missing key {needed}")
     cfg = lm_config_from_stage(state)
     lm_part = {k: v for k, v in state.items() if k.startswith((STAGE_LM, STAGE_TEXT + "output_proj."))}
-    lm_state = {}
-    for key, sources in stage_lm_key_table(cfg):
-        missing = [s for s in sources if s not in lm_part]
-        if missing:
-            raise LoadError(f"STAGE checkpoint {path.name}: missing key {missing[0]}")
-        lm_state[key] = torch.cat([lm_part.pop(s) for s in sources]) if len(sources) > 1 else lm_part.pop(sources[0])
+    lm_state = gather(lm_part, stage_lm_key_table(cfg), f"STAGE checkpoint {path.name}")
     codec_best = submodule_state(state, STAGE_CODEC)
     if not codec_best:
         raise LoadError(f"STAGE checkpoint {path.name} has no EnCodec weights ({STAGE_CODEC}*)")
@@ -398,7 +392,7 @@ def _read_stage(path: Path, t5) -> Checkpoint:
     known = (STAGE_LM, STAGE_CODEC, STAGE_TEXT + "t5.", STAGE_TEXT + "output_proj.")
     extra = list(lm_part) + [k for k in state if not k.startswith(known)]
     if extra:
-        raise LoadError(f"STAGE checkpoint {path.name}: unexpected key {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        raise LoadError(f"STAGE checkpoint {path.name}: {name_first('unexpected key', extra)}")
     # the checkpoint bundles the (frozen) T5 it ran with: prefer it to the separate folder's weights
     return Checkpoint("stage", cfg, lm_state, {"text_encoder": t5_config, "audio_encoder": codec_config},
                       {**(_tied_t5(bundled_t5) if bundled_t5 else t5_state), **codec_state}, t5_dir)

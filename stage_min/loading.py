@@ -94,6 +94,11 @@ def read_config(folder: Path) -> dict:
 
 
 # ---- strict loading -----------------------------------------------------------------------------
+def name_first(label: str, keys: list) -> str:
+    """'unexpected key a.b (and 3 more)': the first offender by name, the rest counted."""
+    return f"{label} {keys[0]}" + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else "")
+
+
 def load_strict(module: torch.nn.Module, state: dict, what: str, assign: bool = False):
     """load_state_dict that names the first offending keys instead of a wall of text."""
     expected = module.state_dict()
@@ -102,8 +107,7 @@ def load_strict(module: torch.nn.Module, state: dict, what: str, assign: bool = 
     wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
     for problems, label in [(missing, "missing key"), (unexpected, "unexpected key"), (wrong, "wrong shape for")]:
         if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise LoadError(f"{what}: {label} {problems[0]}{more}")
+            raise LoadError(f"{what}: {name_first(label, problems)}")
     module.load_state_dict(state, strict=True, assign=assign)
 
 
@@ -131,20 +135,27 @@ def hf_lm_key_table(cfg: LMConfig) -> list[tuple[str, list[str]]]:
     return table
 
 
-def lm_state_from_hf(state: dict, cfg: LMConfig) -> dict:
-    """Pick the decoder + projection keys out of a full transformers MusicGen state dict."""
+def gather(state: dict, table, what: str) -> dict:
+    """Apply a key table [(our key, [their keys, concatenated along dim 0])]; the keys used are
+    popped from `state`, so that what is left over is unexpected."""
     ours = {}
-    for key, sources in hf_lm_key_table(cfg):
+    for key, sources in table:
         missing = [s for s in sources if s not in state]
         if missing:
-            raise LoadError(f"LM weights: missing key {missing[0]}")
-        ours[key] = torch.cat([state[s] for s in sources]) if len(sources) > 1 else state[sources[0]]
-    used = {s for _, sources in hf_lm_key_table(cfg) for s in sources}
+            raise LoadError(f"{what}: missing key {missing[0]}")
+        parts = [state.pop(s) for s in sources]
+        ours[key] = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return ours
+
+
+def lm_state_from_hf(state: dict, cfg: LMConfig) -> dict:
+    """Pick the decoder + projection keys out of a full transformers MusicGen state dict."""
+    lm_part = {k: v for k, v in state.items() if k.startswith(("decoder.", "enc_to_dec_proj."))}
     # files saved by older transformers store the fixed sinusoid table as a parameter: recomputed here
-    used.add("decoder.model.decoder.embed_positions.weights")
-    extra = [k for k in state if k.startswith(("decoder.", "enc_to_dec_proj.")) and k not in used]
-    if extra:
-        raise LoadError(f"LM weights: unexpected key {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    lm_part.pop("decoder.model.decoder.embed_positions.weights", None)
+    ours = gather(lm_part, hf_lm_key_table(cfg), "LM weights")
+    if lm_part:
+        raise LoadError(f"LM weights: {name_first('unexpected key', list(lm_part))}")
     return ours
 
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import DataConfig, Example
-from .loading import (LoadError, is_native, lm_config_from_native, read_config, read_state_dict, resolve_model_dir,
+from .loading import (LoadError, is_native, read_config, read_state_dict, resolve_model_dir,
                       save_native, write_atomic)
 from .model import LMConfig, MusicGenLM
 from .stage import build_sequence
@@ -267,15 +267,17 @@ def evaluate(lm: MusicGenLM, batches: list[dict], autocast) -> dict:
     loss_fn = StageLoss(lm)
     totals = {"val_loss": 0.0, "val_loss_nocontext": 0.0}
     lm_cfg = lm.cfg
+    n_windows = 0
     for b in batches:
+        B = b["codes"].shape[0]
+        n_windows += B
         for name, drop in (("val_loss", False), ("val_loss_nocontext", True)):
-            B = b["codes"].shape[0]
             seq = build_sequence(b["context"], b["codes"], b["codes"].shape[-1], lm_cfg.special_id, lm_cfg.context_id,
                                  b["lengths"], torch.full((B,), drop, device=b["codes"].device))
-            with autocast():
-                totals[name] += float(loss_fn(seq.grid, seq.keep, seq.target, b["states"], b["mask"]))
+            with autocast():  # weighted by the batch's windows: a smaller last batch counts for less
+                totals[name] += B * float(loss_fn(seq.grid, seq.keep, seq.target, b["states"], b["mask"]))
     lm.train(was_training)
-    return {k: v / max(1, len(batches)) for k, v in totals.items()}
+    return {k: v / max(1, n_windows) for k, v in totals.items()}
 
 
 # ---- checkpoints --------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def reference_logits(model):
     [
         (lambda s: s.pop(KEY), f"missing key {KEY}"),
         (lambda s: s.update({"decoder.model.decoder.layers.7.fc1.weight": torch.zeros(1)}), "unexpected key decoder.model.decoder.layers.7.fc1.weight"),
-        (lambda s: s.update({KEY: torch.zeros(3, 3)}), f"wrong shape for layers.1.ffn_in.weight (3, 3)"),
+        (lambda s: s.update({KEY: torch.zeros(3, 3)}), "wrong shape for layers.1.ffn_in.weight (3, 3)"),
         (lambda s: s.pop("audio_encoder.quantizer.layers.0.codebook.embed"), "codec (EnCodec) weights: missing key quantizer.layers.0.codebook.embed"),
         (lambda s: s.pop("text_encoder.encoder.final_layer_norm.weight"), "text encoder (T5) weights: missing key encoder.final_layer_norm.weight"),
     ],
