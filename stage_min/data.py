@@ -165,12 +165,9 @@ def parse_beats(text: str) -> tuple[np.ndarray, np.ndarray]:
     return t, down
 
 
-def format_beats(times, downbeats) -> str:
-    pos, lines = 0, []
-    for t, d in zip(times, downbeats):
-        pos = 1 if d else pos + 1
-        lines.append(f"{t:.4f} {pos}")
-    return "\n".join(lines) + "\n"
+def format_beats(times, positions) -> str:
+    """The beats.txt format: one `<seconds> <position in bar>` per line, 1 = downbeat."""
+    return "".join(f"{t:.4f} {p}\n" for t, p in zip(times, positions))
 
 
 def track_beats(mixture: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -210,7 +207,6 @@ class SongData:
     peaks: dict  # stem -> (T,) float32 peak of |audio| in each frame
     beats: np.ndarray  # (N,) seconds
     downbeats: np.ndarray  # (N,) bool
-    n_samples: int = 0
 
     @property
     def n_frames(self) -> int:
@@ -260,8 +256,7 @@ def load_stem(files: list[Path], sample_rate: int) -> np.ndarray:
     return out
 
 
-def prepare_song(song: Song, cfg: DataConfig, codec, device, cache_dir: Path, codec_id: str, stats: Stats,
-                 build: bool = True) -> SongData | None:
+def prepare_song(song: Song, cfg: DataConfig, codec, device, cache_dir: Path, codec_id: str, stats: Stats) -> SongData | None:
     """Cached song data, computed (and cached, atomically) on a miss. None when unusable."""
     sr, hop = codec.sample_rate, codec.hop
     usable = {}
@@ -283,8 +278,6 @@ def prepare_song(song: Song, cfg: DataConfig, codec, device, cache_dir: Path, co
         except Exception:
             cached = None  # a broken cache file is just recomputed
     if cached is None:
-        if not build:
-            return None
         audio = {}
         for stem, files in usable.items():
             try:
@@ -293,12 +286,10 @@ def prepare_song(song: Song, cfg: DataConfig, codec, device, cache_dir: Path, co
                 stats.warn_file(str(e))
         cached = {"bad": len(usable) - len(audio), "stems": sorted(audio)}
         if cfg.target in audio:
-            x = audio[cfg.target]
-            codes = _encode_long(codec, x, device).to(torch.int16)
+            codes = _encode_long(codec, audio[cfg.target], device).to(torch.int16)
             T = codes.shape[-1]
             cached["codes"] = codes
             cached["peaks"] = {s: torch.from_numpy(_frame_peaks(a, hop, T)) for s, a in audio.items()}
-            cached["n_samples"] = len(x)
             if song.beats_file is None:  # no annotation: track the beats on the mixture, once
                 n = max(len(a) for a in audio.values())
                 mix = np.zeros(n, dtype=np.float32)
@@ -325,7 +316,7 @@ def prepare_song(song: Song, cfg: DataConfig, codec, device, cache_dir: Path, co
         down = np.arange(len(beats)) % 4 == 0
     peaks = {s: p.numpy() for s, p in cached["peaks"].items()}
     song = Song(song.name, song.folder, {s: f for s, f in usable.items() if s in peaks}, song.caption, song.beats_file)
-    return SongData(song, cached["codes"], peaks, beats, down, cached["n_samples"])
+    return SongData(song, cached["codes"], peaks, beats, down)
 
 
 # ---- windows ------------------------------------------------------------------------------------

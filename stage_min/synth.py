@@ -127,6 +127,8 @@ def make_song(rng: np.random.Generator, seconds: float, sr: int = SAMPLE_RATE) -
 def write_dataset(folder, n_songs: int, seconds: float = 20.0, seed: int = 0, sr: int = SAMPLE_RATE):
     import soundfile as sf
 
+    from .data import format_beats
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -136,7 +138,7 @@ def write_dataset(folder, n_songs: int, seconds: float = 20.0, seed: int = 0, sr
         d.mkdir(exist_ok=True)
         for stem in ("drums", "bass", "chords"):
             sf.write(d / f"{stem}.wav", np.clip(song[stem], -1, 1), sr, subtype="PCM_16")
-        (d / "beats.txt").write_text("".join(f"{t:.4f} {p}\n" for t, p in song["beats"]))
+        (d / "beats.txt").write_text(format_beats(*zip(*song["beats"])))
         (d / "caption.txt").write_text(song["caption"] + "\n")
     return folder
 
