@@ -86,9 +86,6 @@ def generate_tokens(
     if R not in (B, 2 * B) or (R == 2 * B) != (sc.cfg_coef != 1.0):
         raise ValueError(f"grid has {R} rows for {B} prompts; expected {2 * B if sc.cfg_coef != 1.0 else B}")
     grid = grid.clone()
-    if R == 2 * B:  # the null condition: an all-zero text with no valid position
-        text = torch.cat([text, torch.zeros_like(text)])
-        text_mask = torch.cat([text_mask, torch.zeros_like(text_mask)])
     unknown_steps = (~known).any(1).any(0).nonzero()
     if len(unknown_steps) == 0:
         return grid[:B]
@@ -96,7 +93,7 @@ def generate_tokens(
     if first == 0:
         raise ValueError("step 0 (the start step) must be known")
     step_fn = step_fn or lm.decode_step
-    lm.setup_cache(R, S, text, text_mask)
+    lm.setup_cache(R, S, text, text_mask)  # rows B..R-1 get the null text (see setup_cache)
     try:
         logits = lm.prefill(grid[:, :, :first], None if keep is None else keep[:, :first])
         positions = torch.arange(S, device=grid.device)

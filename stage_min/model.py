@@ -194,22 +194,13 @@ class MusicGenLM(nn.Module):
         """T5 states (B, L, text_dim) -> (B, L, dim), padded positions zeroed."""
         return self.text_proj(text_states) * text_mask.unsqueeze(-1).to(text_states.dtype)
 
-    def _cross_inputs(self, text, text_mask, text_rows_only: bool):
+    def _cross_inputs(self, text, text_mask):
         """Per-layer cross keys/values and their key mask (B, 1, 1, L).
 
         A row without text (the null condition) has all-zero states, so its cross-attention output
         is exactly zero whatever it attends to: it gets an all-true mask (never an empty softmax).
-        With `text_rows_only`, such rows must come last and are cut away, so that no work is spent
-        on them (the unconditional half of a guidance batch).
         """
-        has_text = text_mask.any(-1)
-        if text_rows_only:
-            n_text = int(has_text.sum())
-            if not bool(has_text[:n_text].all()):
-                raise ValueError("rows with text must come first in the batch, then the rows without")
-            text, text_mask = text[:n_text], text_mask[:n_text]
-        else:
-            text_mask = text_mask | ~has_text[:, None]
+        text_mask = text_mask | ~text_mask.any(-1, keepdim=True)
         kvs = [layer.cross_attn.keys_values(text) for layer in self.layers]
         return kvs, text_mask[:, None, None, :]
 
@@ -237,7 +228,7 @@ class MusicGenLM(nn.Module):
             eye = torch.eye(S, dtype=torch.bool, device=codes.device)
             # a dropped step still sees itself so that its softmax row is never empty
             self_mask = ((causal & keep[:, None, :]) | eye)[:, None]
-        kvs, cross_mask = self._cross_inputs(text, text_mask, text_rows_only=False)
+        kvs, cross_mask = self._cross_inputs(text, text_mask)
         x = self._embed(codes, positions)
         for layer, (k, v) in zip(self.layers, kvs):
             x = layer(x, self_mask, k, v, cross_mask)
@@ -246,12 +237,14 @@ class MusicGenLM(nn.Module):
     # ---- cached generation --------------------------------------------------------------------
     def setup_cache(self, batch: int, max_steps: int, text, text_mask):
         """Allocate the static caches for `batch` rows and `max_steps` steps, and compute the
-        cross-attention keys/values once for this generation.
+        cross-attention keys/values once for this generation. `text` may have fewer rows than
+        `batch`: the rows after it (the unconditional half of a guidance batch) have the null text,
+        whose cross-attention output is exactly zero, so none is computed for them.
 
         A cache of the same size, dtype and device is reused in place, so that a compiled (CUDA-graph)
         step keeps reading and writing the same memory from one generation to the next."""
         p = next(self.parameters())
-        kvs, cross_mask = self._cross_inputs(text, text_mask, text_rows_only=True)
+        kvs, cross_mask = self._cross_inputs(text, text_mask)
         cache = self.layers[0].self_attn.kv_cache
         reuse = cache is not None and cache.k.shape == (batch, self.cfg.n_heads, max_steps, self.cfg.head_dim) \
             and cache.k.dtype == p.dtype and cache.k.device == p.device

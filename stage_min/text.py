@@ -22,13 +22,16 @@ class TextEncoder(torch.nn.Module):
         return self.t5.config.d_model
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts -> ids (B, L) right-padded with 0, mask (B, L) bool. Each ends with EOS."""
+        """Prompts -> ids (B, L) right-padded with 0, mask (B, L) bool. Each ends with EOS.
+        An empty prompt gets an all-false mask: it is the null condition, as in audiocraft and
+        in STAGE's training data (songs without a caption), not a text made of EOS alone."""
         pieces = [self.sp.encode(p)[: self.max_tokens - 1] + [EOS_ID] for p in prompts]
         L = max(len(p) for p in pieces)
         ids = torch.full((len(prompts), L), PAD_ID, dtype=torch.long)
         for i, p in enumerate(pieces):
             ids[i, : len(p)] = torch.tensor(p)
-        return ids, ids != PAD_ID
+        empty = torch.tensor([not p.strip() for p in prompts])[:, None]
+        return ids, (ids != PAD_ID) & ~empty
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,5 +39,7 @@ class TextEncoder(torch.nn.Module):
         ids, mask = self.tokenize(prompts)
         device = next(self.t5.parameters()).device
         ids, mask = ids.to(device), mask.to(device)
-        states = self.t5(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        # T5 still sees each row's EOS (an all-masked row is undefined for it); empty rows are then
+        # zeroed by the projection through their all-false mask
+        states = self.t5(input_ids=ids, attention_mask=(ids != PAD_ID).long()).last_hidden_state
         return states, mask

@@ -15,8 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import DataConfig, Example
-from .loading import (LoadError, is_native, read_config, read_state_dict, resolve_model_dir,
-                      save_native, write_atomic)
+from .loading import is_native, read_config, save_native, write_atomic
 from .model import LMConfig, MusicGenLM
 from .stage import build_sequence
 
@@ -95,17 +94,12 @@ class TrainConfig:
 
 # ---- model --------------------------------------------------------------------------------------
 def load_base(base: str):
-    """T5 text encoder and EnCodec from a base model folder or hub id (a native folder's own base)."""
+    """T5 text encoder and EnCodec from a base model in any layout formats.py reads."""
+    from .formats import read_checkpoint
     from .pipeline import load_codec, load_text_encoder
 
-    folder = resolve_model_dir(base)
-    config = read_config(folder)
-    if is_native(config) and ("text_encoder" not in config or "audio_encoder" not in config):
-        if not config.get("base"):
-            raise LoadError(f"{folder}/config.json names no base model for the text encoder and codec")
-        return load_base(config["base"])
-    state = read_state_dict(folder)
-    return load_text_encoder(folder, config, state), load_codec(config, state)
+    ckpt = read_checkpoint(base)
+    return load_text_encoder(ckpt.spiece_dir, ckpt.config, ckpt.state), load_codec(ckpt.config, ckpt.state)
 
 
 def init_weights(lm: MusicGenLM, std: float = 0.02):
@@ -190,12 +184,8 @@ def encode_contexts(codec, audios: list, special: int, device) -> tuple[torch.Te
 def text_inputs(text_encoder, captions: list, drop: list, device, dtype=torch.float32):
     """T5 states (B, L, text_dim) and mask (B, L). A dropped or empty caption is the null
     condition: an all-false mask (and zero states after the projection)."""
-    use = [bool(c) and not d for c, d in zip(captions, drop)]
-    if not any(use):
-        return torch.zeros(len(captions), 1, text_encoder.dim, device=device, dtype=dtype), torch.zeros(len(captions), 1, dtype=torch.bool, device=device)
-    states, mask = text_encoder([c if u else "" for c, u in zip(captions, use)])
-    keep = torch.tensor(use, device=mask.device)[:, None]
-    return states.to(device, dtype), (mask & keep).to(device)
+    states, mask = text_encoder(["" if d else c for c, d in zip(captions, drop)])
+    return states.to(device, dtype), mask.to(device)
 
 
 def make_batch(model, examples: list[Example], drop_text: list, drop_context: list, device) -> dict:

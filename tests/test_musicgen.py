@@ -80,3 +80,17 @@ def test_codec_matches_transformers_encodec(pair):
     assert decoded.shape == (2, 1, 32000)
     assert torch.allclose(decoded, hf.audio_encoder.decode(expected[None], [None]).audio_values, atol=1e-6)
     assert decoded.abs().max() > 0
+
+
+@torch.no_grad()
+def test_empty_prompt_is_the_null_condition(pair):
+    ours, _ = pair
+    ids, mask = ours.text_encoder.tokenize(["", "funky drums"])
+    assert not mask[0].any() and mask[1].any()
+    greedy = lambda prompts, cfg: ours.generate(prompts, n_frames=12, sampling=SamplingConfig(top_k=1, cfg_coef=cfg))[1]  # noqa: E731
+    # with the null condition in both halves, guidance cannot change anything
+    assert torch.equal(greedy([""], 3.0), greedy([""], 1.0))
+    assert not torch.equal(greedy(["funky drums"], 3.0), greedy(["funky drums"], 1.0))
+    # a batch mixing an empty and a real prompt gives each row's own result
+    mixed = greedy(["", "funky drums"], 3.0)
+    assert torch.equal(mixed[:1], greedy([""], 3.0)) and torch.equal(mixed[1:], greedy(["funky drums"], 3.0))
