@@ -142,17 +142,7 @@ def _read_t5(t5: str | None, weights: bool = True) -> tuple[dict, dict, Path]:
         return config, {}, folder
     state = read_state_dict(folder)
     keep = {f"text_encoder.{k}": v for k, v in state.items() if k.startswith(("encoder.", "shared."))}
-    return config, _tied_t5(keep), folder
-
-
-def _tied_t5(state: dict) -> dict:
-    """T5 ties shared.weight and encoder.embed_tokens.weight; files often store only one of them."""
-    shared, embed = "text_encoder.shared.weight", "text_encoder.encoder.embed_tokens.weight"
-    if shared in state and embed not in state:
-        state[embed] = state[shared]
-    elif embed in state and shared not in state:
-        state[shared] = state[embed]
-    return state
+    return config, keep, folder
 
 
 # ---- audiocraft -----------------------------------------------------------------------------------
@@ -395,7 +385,7 @@ def _read_stage(path: Path, t5) -> Checkpoint:
         raise LoadError(f"STAGE checkpoint {path.name}: {name_first('unexpected key', extra)}")
     # the checkpoint bundles the (frozen) T5 it ran with: prefer it to the separate folder's weights
     return Checkpoint("stage", cfg, lm_state, {"text_encoder": t5_config, "audio_encoder": codec_config},
-                      {**(_tied_t5(bundled_t5) if bundled_t5 else t5_state), **codec_state}, t5_dir)
+                      {**(bundled_t5 or t5_state), **codec_state}, t5_dir)
 
 
 # ---- writing ----------------------------------------------------------------------------------------

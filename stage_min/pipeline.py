@@ -117,8 +117,10 @@ def load_text_encoder(folder: Path, config: dict, state: dict) -> TextEncoder:
         raise LoadError(f"{folder} has no spiece.model (t5-base's sentencepiece model); copy it there from t5-base")
     t5 = T5EncoderModel(T5Config.from_dict(config["text_encoder"]))
     sub = submodule_state(state, "text_encoder.")
-    if "encoder.embed_tokens.weight" not in sub and "shared.weight" in sub:
-        sub["encoder.embed_tokens.weight"] = sub["shared.weight"]  # tied in T5, stored once
+    # T5 ties shared.weight and encoder.embed_tokens.weight; files often store only one of them
+    for have, need in (("shared.weight", "encoder.embed_tokens.weight"), ("encoder.embed_tokens.weight", "shared.weight")):
+        if have in sub and need not in sub:
+            sub[need] = sub[have]
     load_strict(t5, sub, "text encoder (T5) weights")
     return TextEncoder(spiece, t5)
 
