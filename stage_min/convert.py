@@ -9,7 +9,7 @@ stderr, exit code 2.
 import argparse
 import sys
 
-from .formats import check_new_folder, detect_layout, export_hf, export_native
+from .formats import check_new_folder, export_hf, export_native
 from .loading import LoadError
 
 
@@ -30,13 +30,12 @@ def main(argv=None) -> int:
         from .pipeline import MusicGen
 
         check_new_folder(args.dst)
-        layout, _ = detect_layout(args.src)
         model = MusicGen.from_pretrained(args.src, t5=args.t5)
         (export_native if args.to == "native" else export_hf)(model, args.dst)
     except (LoadError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{layout} -> {args.to}: {args.dst}")
+    print(f"{model.layout} -> {args.to}: {args.dst}")
     return 0
 
 

@@ -45,6 +45,7 @@ class MusicGen(torch.nn.Module):
         model = cls(lm, text_encoder, load_codec(ckpt.config, ckpt.state)).to(device).eval()
         model.lm.to(dtype)  # only the LM: T5 overflows in fp16, and the codec runs once, so both stay fp32
         model.context_token_added = context_token_added  # an untrained row: the stem will not follow a context
+        model.layout = ckpt.layout  # which file layout it came from (formats.detect_layout)
         return model
 
     def text_condition(self, prompts: list[str]):
