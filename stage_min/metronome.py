@@ -1,25 +1,22 @@
 """Click tracks: the context for tempo-constrained generation, and STAGE's metronome training pairs.
 
-A click is a short decaying sine burst placed sample-accurately at each beat; downbeats (the first
-beat of each bar) are higher and louder, as in STAGE's metronome contexts.
+Made exactly as the original STAGE code makes them (REFERENCE.md section 8.1), so that an official
+checkpoint hears at inference the clicks it heard in training: `librosa.clicks` at 1 kHz with
+librosa's default click (0.1 s, decaying), a second click added on each downbeat, the sum clipped
+to [-1, 1]. A downbeat is therefore the same pitch, louder (and clipped).
 """
 import numpy as np
 
 SAMPLE_RATE = 32000
-CLICK_SECONDS = 0.03
-
-
-def _click(freq: float, amplitude: float, sample_rate: int) -> np.ndarray:
-    t = np.arange(int(CLICK_SECONDS * sample_rate)) / sample_rate
-    return (amplitude * np.sin(2 * np.pi * freq * t) * np.exp(-t / (CLICK_SECONDS / 5))).astype(np.float32)
+CLICK_FREQ = 1000.0  # the original's click_freq; the click duration is librosa's default
 
 
 def beat_times(bpm: float, duration: float, offset: float = 0.0) -> np.ndarray:
     """Beat times in seconds: offset, offset + 60/bpm, ... up to (not including) duration."""
-    if not bpm > 0:
-        raise ValueError(f"BPM must be > 0, got {bpm}")
-    if offset < 0:
-        raise ValueError(f"offset must be >= 0, got {offset}")
+    if not (bpm > 0 and np.isfinite(bpm)):
+        raise ValueError(f"BPM must be a finite number > 0, got {bpm}")
+    if not (offset >= 0 and np.isfinite(offset)):
+        raise ValueError(f"offset must be a finite number >= 0, got {offset}")
     period = 60.0 / bpm
     return offset + period * np.arange(max(0, int(np.ceil((duration - offset) / period))))
 
@@ -28,21 +25,23 @@ def click_track(beats: np.ndarray, duration: float, beats_per_bar: int = 4, firs
                 sample_rate: int = SAMPLE_RATE, downbeats: np.ndarray | None = None) -> np.ndarray:
     """Clicks at the given beat times (seconds). Beat i is a downbeat when (i - first_downbeat) is a
     multiple of beats_per_bar, unless an explicit boolean `downbeats` array is given."""
+    import librosa  # slow to import: only when a click track is made
+
     if beats_per_bar < 1:
         raise ValueError(f"beats per bar must be >= 1, got {beats_per_bar}")
-    if not duration > 0:
-        raise ValueError(f"duration must be > 0, got {duration}")
-    out = np.zeros(int(round(duration * sample_rate)), dtype=np.float32)
-    strong, weak = _click(1500.0, 0.9, sample_rate), _click(1000.0, 0.5, sample_rate)
-    for i, t in enumerate(np.asarray(beats, dtype=np.float64)):
-        start = int(round(t * sample_rate))
-        if start < 0 or start >= len(out):
-            continue
-        is_down = downbeats[i] if downbeats is not None else (i - first_downbeat) % beats_per_bar == 0
-        click = strong if is_down else weak
-        end = min(len(out), start + len(click))
-        out[start:end] += click[: end - start]
-    return out
+    if not (duration > 0 and np.isfinite(duration)):
+        raise ValueError(f"duration must be a finite number > 0, got {duration}")
+    beats = np.asarray(beats, dtype=np.float64)
+    n = int(round(duration * sample_rate))
+    if downbeats is None:
+        downbeats = (np.arange(len(beats)) - first_downbeat) % beats_per_bar == 0
+    downbeats = np.asarray(downbeats, dtype=bool)
+    out = np.zeros(n, dtype=np.float64)
+    for times in (beats, beats[downbeats]):  # every beat, then the downbeats once more on top
+        inside = times[(times >= 0) & (times * sample_rate < n)]
+        if len(inside):
+            out += librosa.clicks(times=inside, sr=sample_rate, click_freq=CLICK_FREQ, length=n)
+    return np.clip(out, -1.0, 1.0).astype(np.float32)
 
 
 def metronome(bpm: float, duration: float, beats_per_bar: int = 4, offset: float = 0.0,
