@@ -7,6 +7,7 @@
     python sample.py --prompt "lofi hip hop beat" --duration 5 --out music.wav
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -126,8 +127,9 @@ def check_song_options(args):
             raise ValueError("with a --context folder, --continue, --mix-out and --duration are not available")
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise ValueError(f"--out {args.out}: with a --context folder, --out is a folder")
-        if not Path(args.out).parent.is_dir():
-            raise ValueError(f"--out {args.out}: its parent folder does not exist")
+        folder = Path(args.out) if Path(args.out).is_dir() else Path(args.out).parent  # --out, or where it is made
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise ValueError(f"--out {args.out}: {folder} does not exist or is not writable")
         if not folder_files(args.context):
             raise ValueError(f"{args.context}: no audio files (.wav, .flac, .ogg, .mp3, .aif, .aiff) in this folder")
         return
@@ -289,7 +291,7 @@ def run_folder(args):
         for f in files[i:i + args.batch]:
             try:
                 songs.append(read_song(f))
-                names.append(f.stem)
+                names.append(f.stem if sum(g.stem == f.stem for g in files) == 1 else f"{f.stem}_{f.suffix[1:]}")
             except AudioError as e:
                 skipped += 1
                 print(f"warning: skipping {e}", file=sys.stderr)
