@@ -423,12 +423,17 @@ def _parts(model) -> tuple[dict, dict, bytes]:
     return weights, configs, model.text_encoder.sp.serialized_model_proto()
 
 
-def export_native(model, dst, extra: dict | None = None):
-    """Our layout, self-contained: LM + T5 + EnCodec weights, their configs and spiece.model."""
+def export_native(model, dst, extra: dict | None = None, dtype: str = "float32"):
+    """Our layout, self-contained: LM + T5 + EnCodec weights, their configs and spiece.model.
+    dtype "float16" halves the file (weights are loaded back as float32, or the dtype asked for)."""
     from .loading import save_native
 
     weights, configs, spiece = _parts(model)
     lm_state = {k: v.detach().float() for k, v in model.lm.state_dict().items()}
+    if dtype != "float32":
+        to = getattr(torch, dtype)
+        lm_state = {k: v.to(to) for k, v in lm_state.items()}
+        weights = {k: v.to(to) if v.is_floating_point() else v for k, v in weights.items()}
 
     def fill(tmp):
         save_native(tmp, lm_state, model.lm.cfg, base=None, extra=extra, more_weights=weights, more_config=configs)

@@ -46,6 +46,9 @@ class MusicGen(torch.nn.Module):
         model.lm.to(dtype)  # only the LM: T5 overflows in fp16, and the codec runs once, so both stay fp32
         model.context_token_added = context_token_added  # an untrained row: the stem will not follow a context
         model.layout = ckpt.layout  # which file layout it came from (formats.detect_layout)
+        # a model trained on one fixed window (context as long as the stem, e.g. the toy) generates in it
+        window = ckpt.config.get("window_seconds")
+        model.window_frames = round(float(window) * model.codec.frame_rate) if window else None
         return model
 
     def text_condition(self, prompts: list[str]):
@@ -89,6 +92,11 @@ class MusicGen(torch.nn.Module):
             raise ValueError("this model has no context token; load it with stage=True or use a STAGE checkpoint")
         sampling = sampling or SamplingConfig()
         sampling.check()
+        n_out, window, hop = n_frames, getattr(self, "window_frames", None), self.codec.hop
+        if window and n_frames <= window:  # the geometry it was trained on: context and stem one window long
+            contexts = [torch.nn.functional.pad(torch.as_tensor(c, dtype=torch.float32)[:window * hop],
+                                                (0, max(0, window * hop - len(c)))) for c in contexts]
+            n_frames = window
         cfg = self.lm.cfg
         codes = [self.encode_context(c)[:, :, :n_frames] for c in contexts]
         lengths = torch.tensor([c.shape[-1] for c in codes], device=self.device)
@@ -96,7 +104,7 @@ class MusicGen(torch.nn.Module):
         grid, known, keep, C = generation_rows(context, lengths, n_frames, cfg.special_id, cfg.context_id,
                                                guidance=sampling.cfg_coef != 1.0)
         grid = self._fill(prompts, grid, known, keep, sampling, seed, progress, compile)
-        stem_codes = delay.deinterleave(grid)[:, :, C + 1:]  # drop the context and separator frames
+        stem_codes = delay.deinterleave(grid)[:, :, C + 1:C + 1 + n_out]  # drop the context and separator frames
         return self.codec.decode(stem_codes).float(), stem_codes
 
     def encode_context(self, audio: torch.Tensor) -> torch.Tensor:

@@ -36,32 +36,37 @@ def train_spiece(path: Path):
     Path(path).write_bytes(model.getvalue())
 
 
-def tiny_config(dim=64, layers=2, heads=4, text_dim=32, vocab=120):
+def tiny_config(dim=64, layers=2, heads=4, text_dim=32, vocab=120, audio=None):
+    """A tiny MusicgenConfig; `audio`: an EncodecConfig to use instead of the tiny random codec's."""
     from transformers import EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, T5Config
 
     text = T5Config(vocab_size=vocab, d_model=text_dim, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
-    audio = EncodecConfig(
+    audio = audio or EncodecConfig(
         sampling_rate=32000, audio_channels=1, upsampling_ratios=[8, 5, 4, 4], target_bandwidths=[2.2],
         num_filters=4, hidden_size=16, codebook_size=2048, codebook_dim=16, num_lstm_layers=1,
         use_causal_conv=False, normalize=False, pad_mode="reflect", chunk_length_s=None, overlap=None,
     )
     decoder = MusicgenDecoderConfig(
-        vocab_size=2048, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=4 * dim,
+        vocab_size=audio.codebook_size, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=4 * dim,
         num_codebooks=4, max_position_embeddings=2048, dropout=0.0,
     )
     return MusicgenConfig(text_encoder=text.to_dict(), audio_encoder=audio.to_dict(), decoder=decoder.to_dict())
 
 
-def build(folder, seed=0, **config):
-    """Write a random transformers MusicGen (save_pretrained) plus spiece.model; returns the model."""
+def build(folder, seed=0, codec=None, **config):
+    """Write a random transformers MusicGen (save_pretrained) plus spiece.model; returns the model.
+    `codec`: a trained EncodecModel to put in instead of a random one (the toy model's base)."""
     from transformers import MusicgenForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = MusicgenForConditionalGeneration(tiny_config(**config)).eval()
-    with torch.no_grad():  # a fresh EnCodec's codebooks are zeros: give them values
-        for name, buffer in model.audio_encoder.quantizer.named_buffers():
-            if name.endswith("embed"):
-                buffer.normal_()
+    model = MusicgenForConditionalGeneration(tiny_config(**config, audio=codec.config if codec else None)).eval()
+    with torch.no_grad():
+        if codec is not None:
+            model.audio_encoder.load_state_dict(codec.state_dict())
+        else:  # a fresh EnCodec's codebooks are zeros: give them values
+            for name, buffer in model.audio_encoder.quantizer.named_buffers():
+                if name.endswith("embed"):
+                    buffer.normal_()
     model.save_pretrained(folder)
     train_spiece(Path(folder) / "spiece.model")
     return model
