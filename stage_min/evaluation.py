@@ -123,7 +123,9 @@ def fad(emb_a: np.ndarray, emb_b: np.ndarray) -> float:
 
 def kad(emb_a: np.ndarray, emb_b: np.ndarray, bandwidth: float | None = None) -> float:
     """Kernel audio distance (Chung et al. 2025): the unbiased MMD^2 estimate with a Gaussian
-    kernel, bandwidth the median pairwise distance within `emb_b` (the reference set), x 100."""
+    kernel, bandwidth the median pairwise distance within `emb_b` (the reference set), x 100.
+    Unbiased for independent sets; a set against itself gives a small negative -(200/n)(1 - mean
+    kernel), since the cross term then pairs each point with itself."""
     from scipy.spatial.distance import cdist, pdist
 
     a, b = _rows(emb_a, "kad"), _rows(emb_b, "kad")
@@ -400,7 +402,9 @@ def write_results(results: dict, out_dir) -> list[Path]:
     out_dir = Path(out_dir)
     results = jsonable(results)
     write_atomic(out_dir / "results.json", lambda p: p.write_text(json.dumps(results, indent=1) + "\n"))
-    rows = results["rows"]
+    # the CSV: scalar fields, lists of names joined with "+" (context_stems), beat lists left to the JSON
+    rows = [{k: "+".join(v) if isinstance(v, list) and v and all(isinstance(i, str) for i in v) else v
+             for k, v in r.items()} for r in results["rows"]]
     columns = [k for k, v in rows[0].items() if not isinstance(v, list)]
 
     def write_csv(p):
