@@ -272,14 +272,15 @@ def _song_beats(song, stems: dict, sample_rate: int, tracker: str) -> np.ndarray
     return track_beats(mix, sample_rate, tracker)
 
 
-def song_window(song, target: str, seconds: float, sample_rate: int = SAMPLE_RATE, exclude=("vocals",),
-                silence: float = 0.01, tracker: str = "librosa") -> SongWindow | None:
+def song_window(song, target: str, seconds: float, sample_rate: int = SAMPLE_RATE, tracker: str = "librosa") -> SongWindow | None:
     """The first window (on a grid of half windows) where the target and at least one context stem
-    are audible (peak >= silence, as in training). Context = every audible stem but the target and
-    the excluded ones. None (with a warning) when the song has no such window or cannot be read."""
+    are audible (peak >= the training data's silence level). Context = every audible stem but the
+    target and the stems training excludes (vocals). None (with a warning) when the song has no such
+    window or cannot be read."""
     from . import data as D
     from .audio import AudioError
 
+    exclude, silence = D.DataConfig().exclude, D.DataConfig().silence
     try:
         stems = {s: D.load_stem(files, sample_rate) for s, files in sorted(song.stems.items())}
     except AudioError as e:
@@ -294,7 +295,9 @@ def song_window(song, target: str, seconds: float, sample_rate: int = SAMPLE_RAT
         if others and np.abs(stems[target][span]).max() >= silence:
             break
     else:
-        print(f"warning: skipping {song.name}: no {seconds:g} s window where '{target}' and another stem both play", file=sys.stderr)
+        why = (f"shorter than {seconds:g} s" if length < n else
+               f"no {seconds:g} s window where '{target}' and another stem both play")
+        print(f"warning: skipping {song.name}: {why}", file=sys.stderr)
         return None
     t0 = start / sample_rate
     beats = _song_beats(song, stems, sample_rate, tracker)
@@ -311,7 +314,7 @@ def accompany_windows(data_dir, target: str, n_songs: int | None, seconds: float
     for song in held_out_songs(data_dir, target, val_fraction, split_seed):
         if n_songs is not None and len(windows) >= n_songs:
             break
-        w = song_window(song, target, seconds, sample_rate, tracker=tracker)
+        w = song_window(song, target, seconds, sample_rate, tracker)
         if w is not None:
             windows.append(w)
     if not windows:
