@@ -29,6 +29,7 @@ import soxr
 import torch
 
 from .audio import AudioError, load_audio
+from .evaluation import TRACKER_ID, track_beats  # one beat tracker for training data and evaluation
 from .metronome import click_track
 
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff"}
@@ -170,16 +171,6 @@ def format_beats(times, positions) -> str:
     return "".join(f"{t:.4f} {p}\n" for t, p in zip(times, positions))
 
 
-def track_beats(mixture: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Beat times (s) of a mixture with librosa's beat tracker (dynamic programming over onset
-    strength, Ellis 2007): a maintained, well-tested implementation rather than our own."""
-    import librosa  # imported here: slow to import, and only needed for songs without beats.txt
-
-    y = soxr.resample(mixture, sample_rate, 22050).astype(np.float32)
-    _, beats = librosa.beat.beat_track(y=y, sr=22050, units="time")
-    return np.asarray(beats, dtype=np.float64)
-
-
 # ---- the per-song cache -------------------------------------------------------------------------
 def file_key(paths) -> list:
     """What identifies a file's content cheaply: path, size and modification time."""
@@ -267,7 +258,8 @@ def prepare_song(song: Song, cfg: DataConfig, codec, device, cache_dir: Path, co
         except OSError as e:
             stats.warn_file(f"{song.name}/{stem}: {e}")
     # whether beats are annotated is part of the key: a cache made with beats.txt holds no tracked beats
-    key_src = json.dumps([CACHE_VERSION, cfg.target, codec_id, sr, song.beats_file is None,
+    # (songs with beats.txt keep their old keys; tracked beats are redone when the tracker changes)
+    key_src = json.dumps([CACHE_VERSION, cfg.target, codec_id, sr, TRACKER_ID if song.beats_file is None else False,
                           {s: file_key(f) for s, f in sorted(usable.items())}])
     key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
     path = cache_dir / f"{song.name}.{cfg.target}.{key}.pt"
