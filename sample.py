@@ -6,6 +6,7 @@
 """
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -13,6 +14,7 @@ from stage_min.audio import AudioError, check_writable, load_audio, save_audio
 
 SAMPLE_RATE = 32000  # EnCodec 32 kHz, MusicGen's codec
 FRAME_RATE = 50
+TOY_MODEL = Path(__file__).resolve().parent / "weights" / "stage-toy"
 MAX_FRAMES = 1500  # MusicGen was trained on 30 s windows: the context, the separator and the stem share them
 
 
@@ -32,7 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--offset", type=float, default=0.0, help="click track: time of the first click in seconds")
     p.add_argument("--mix-out", help="also write context + stem, as long as the stem")
     p.add_argument("--duration", type=float, help="seconds to generate (default: the context's length; 5 s for text alone)")
-    p.add_argument("--model", default="facebook/musicgen-small", help="model folder, checkpoint file or hub id")
+    p.add_argument("--model", default=None, help="model folder, checkpoint file or hub id (default: the shipped toy "
+                   "STAGE drums model, weights/stage-toy; e.g. facebook/musicgen-small or a train.py run for real music)")
     p.add_argument("--t5", default=None, help="t5-base folder or hub id, for audiocraft / official STAGE checkpoints")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance coefficient (1 = off)")
     p.add_argument("--top-k", type=int, default=250, help="sample from the k most likely codes (0 = off)")
@@ -130,6 +133,13 @@ def run(args):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but no CUDA device is available")
     sampling = sampling_config(args)
+    if args.model is None:
+        if not (TOY_MODEL / "config.json").exists():
+            raise ValueError(f"the toy model is missing from {TOY_MODEL}: rebuild it with "
+                             "`python -m stage_min.toy weights/stage-toy`, or pass --model")
+        args.model = str(TOY_MODEL)
+        print(f"using the toy STAGE drums model in {TOY_MODEL} (synthetic drums, trained on a CPU); "
+              "pass --model for real music, e.g. a STAGE checkpoint or facebook/musicgen-small", file=sys.stderr)
     model = MusicGen.from_pretrained(args.model, device=device, dtype=getattr(torch, args.dtype), stage=context is not None, t5=args.t5)
     if context is None:
         audio, _ = model.generate([args.prompt], n_frames, sampling, seed=args.seed, progress=True, compile=args.compile)
