@@ -67,7 +67,7 @@ def stem_seconds_limit(args) -> float:
 def check_options(args):
     """Everything that can be checked without reading audio or loading a model, so that bad input
     fails at once (numbers are checked to be finite: NaN passes no comparison, inf would pass some)."""
-    from stage_min.audio import check_writable, same_file
+    from stage_min.audio import check_input_file, check_writable, same_file
 
     sampling_config(args).check()
     if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
@@ -98,6 +98,8 @@ def check_options(args):
         raise ValueError("--mix-out needs --context or --bpm")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device or "cpu"):
         raise ValueError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if args.context:
+        check_input_file(args.context)  # a FIFO, a folder, a symlink loop: refused before it is opened
     check_writable(args.out)
     if args.mix_out:
         check_writable(args.mix_out)

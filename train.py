@@ -94,6 +94,9 @@ def train(cfg: T.TrainConfig, resume: bool):
         if not os.access(folder, os.W_OK):
             raise T.UsageError(f"{flag} {folder} is not writable")
     train_songs, val_songs = D.split_songs(songs, cfg.data_cfg.val_fraction, cfg.seed)
+    if not train_songs:
+        raise T.UsageError(f"--val-fraction {cfg.data_cfg.val_fraction:g} holds out all {len(songs)} songs: none is left "
+                           "to train on; lower it")
 
     # ---- model, optimizer --------------------------------------------------------------------
     if resume:
@@ -210,6 +213,10 @@ def train(cfg: T.TrainConfig, resume: bool):
         if master:
             print(f"interrupted: checkpoint at step {step} in {out}; continue with --resume", file=sys.stderr)
         sys.exit(130)
+    except BaseException:  # e.g. T.Diverged: the error line goes below the bar, the Ctrl-C handler is restored
+        stop.restore()
+        bar.close()
+        raise
     bar.close()
     if world > 1:
         dist.barrier()
@@ -222,7 +229,7 @@ def main(argv=None):
     cfg, resume = parse_args(argv)
     try:
         train(cfg, resume)
-    except (T.UsageError, T.Diverged, D.DataError, LoadError, AudioError, ValueError) as e:
+    except (T.UsageError, T.Diverged, D.DataError, LoadError, AudioError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -136,8 +136,7 @@ def check_writable(path: str | Path):
 
 def same_file(a: str | Path, b: str | Path) -> bool:
     """Whether two paths name one file: the same resolved path, or the same inode (a hard link)."""
-    a, b = Path(a), Path(b)
-    if a.resolve() == b.resolve():
+    if os.path.realpath(a) == os.path.realpath(b):  # realpath never raises (a symlink loop stays as it is)
         return True
     try:
         return os.path.samefile(a, b)

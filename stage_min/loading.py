@@ -79,12 +79,17 @@ def has_weights(folder: Path) -> bool:
 
 
 # ---- reading files ------------------------------------------------------------------------------
-def safe_torch_load(path: Path):
+def safe_torch_load(path: Path, legacy_numpy: bool = False):
     """torch.load that never runs pickled code (weights_only=True): tensors, numbers, strings and
     containers only. A file that pickles anything else is refused in one line (torch's warnings
-    about pickle protocols are silenced: the error says it all)."""
+    about pickle protocols are silenced: the error says it all). legacy_numpy also reads numpy
+    arrays (the RNG state in train_state.pt of runs saved before step folders); still no code runs."""
+    import numpy as np
+
+    allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+               (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct] if legacy_numpy else []
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.serialization.safe_globals(allowed):
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -104,8 +104,13 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def main(argv=None):
+    from transformers.utils import logging as hf_logging
+
     from .formats import _write_folder, check_new_folder
     from .loading import LoadError
+
+    hf_logging.set_verbosity_error()  # a tool's output: its result or one error line, not transformers' chatter
+    hf_logging.disable_progress_bar()
 
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="folder to write (must not exist, or be empty)")

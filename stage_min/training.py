@@ -328,10 +328,13 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(int(w) for w in p["words"]), p["gauss_next"]))
+    n, p = state["numpy"], state["python"]
+    if isinstance(n, dict):
+        n = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    np.random.set_state(n)  # else a run saved before step folders: numpy's own tuple
+    if isinstance(p, dict):
+        p = (p["version"], tuple(int(w) for w in p["words"]), p["gauss_next"])
+    random.setstate(p)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -417,7 +420,7 @@ def check_resumable(out: Path, cfg: TrainConfig) -> dict:
     if not is_native(config) or "step" not in config:
         raise UsageError(f"--resume: {ckpt}/config.json is not a train.py checkpoint")
     try:
-        state = safe_torch_load(ckpt / STATE_FILE)
+        state = safe_torch_load(ckpt / STATE_FILE, legacy_numpy=ckpt == Path(out))
     except LoadError as e:
         raise UsageError(f"--resume: {e}") from None
     if not isinstance(state, dict) or not {"step", "optimizer", "rng", "identity"} <= set(state):
