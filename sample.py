@@ -205,7 +205,10 @@ def main(argv=None):
         interrupted.append(signum)  # remembered even if the exception below is caught by a library
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        previous = signal.signal(signal.SIGINT, on_interrupt)
+    except ValueError:  # not the main thread (called from a library): no handler of ours
+        previous = None
     try:
         args = parse_args(argv)
         run(args, interrupted)
@@ -223,7 +226,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":
