@@ -5,17 +5,22 @@
     python sample.py --prompt "lofi hip hop beat" --duration 5 --out music.wav
 """
 import argparse
+import math
+import re
+import signal
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from stage_min.audio import AudioError, check_writable, load_audio, save_audio
+# Only light imports here: everything else is imported inside main(), so that a Ctrl-C at any moment,
+# even while torch is being imported, ends in one line ("error: interrupted", exit 130).
 
 SAMPLE_RATE = 32000  # EnCodec 32 kHz, MusicGen's codec
 FRAME_RATE = 50
+HOP = SAMPLE_RATE // FRAME_RATE
 TOY_MODEL = Path(__file__).resolve().parent / "weights" / "stage-toy"
 MAX_FRAMES = 1500  # MusicGen was trained on 30 s windows: the context, the separator and the stem share them
+MAX_BPM = 1000.0  # faster than any music; a limit also keeps the click track's size sane
+MAX_SEED = 2**63 - 1
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -27,12 +32,13 @@ class OneLineParser(argparse.ArgumentParser):
 def parse_args(argv=None):
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", default="", help="text description of the stem (or of the music)")
-    p.add_argument("--out", required=True, help="output audio file (.wav or .flac)")
+    p.add_argument("--out", required=True, help="output audio file: .wav, .flac, .ogg or .mp3")
     p.add_argument("--context", help="STAGE: audio to accompany (any format soundfile reads)")
     p.add_argument("--bpm", type=float, help="STAGE: accompany a click track at this tempo instead")
     p.add_argument("--beats-per-bar", type=int, default=4, help="click track: beats per bar (louder downbeats)")
     p.add_argument("--offset", type=float, default=0.0, help="click track: time of the first click in seconds")
     p.add_argument("--mix-out", help="also write context + stem, as long as the stem")
+    p.add_argument("--overwrite", action="store_true", help="allow --out / --mix-out to replace the --context file")
     p.add_argument("--duration", type=float, help="seconds to generate (default: the context's length; 5 s for text alone)")
     p.add_argument("--model", default=None, help="model folder, checkpoint file or hub id (default: the shipped toy "
                    "STAGE drums model, weights/stage-toy; e.g. facebook/musicgen-small or a train.py run for real music)")
@@ -42,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold (0 = off)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first call)")
     return p.parse_args(argv)
@@ -54,84 +60,122 @@ def sampling_config(args):
     return SamplingConfig(cfg_coef=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
 
 
+def stem_seconds_limit(args) -> float:
+    """The longest stem the model's window holds: all of it for text, less the separator (and at
+    least one context frame) with a context or a click track."""
+    staged = args.context or args.bpm is not None
+    return (MAX_FRAMES - 2 if staged else MAX_FRAMES) / FRAME_RATE
+
+
 def check_options(args):
-    """Everything that can be checked without loading a model, so that bad input fails at once."""
+    """Everything that can be checked without reading audio or loading a model, so that bad input
+    fails at once (numbers are checked to be finite: NaN passes no comparison, inf would pass some)."""
+    from stage_min.audio import check_input_file, check_writable, same_file
+
     sampling_config(args).check()
-    if args.duration is not None and not args.duration > 0:
-        raise ValueError(f"--duration must be > 0 seconds, got {args.duration:g}")
-    if args.bpm is not None and not args.bpm > 0:
-        raise ValueError(f"--bpm must be > 0, got {args.bpm:g}")
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise ValueError(f"--seed must be in [0, 2^63 - 1], got {args.seed}")
+    if args.duration is not None:
+        if not (args.duration > 0 and math.isfinite(args.duration)):
+            raise ValueError(f"--duration must be > 0 seconds and finite, got {args.duration:g}")
+        if args.duration > stem_seconds_limit(args):
+            context = " with a context" if args.context or args.bpm is not None else " for text alone"
+            raise ValueError(f"--duration at most {stem_seconds_limit(args):g} s{context}, got {args.duration:g}")
+    if args.bpm is not None and not (0 < args.bpm <= MAX_BPM):
+        raise ValueError(f"--bpm must be > 0 and at most {MAX_BPM:g}, got {args.bpm:g}")
     if args.beats_per_bar < 1:
         raise ValueError(f"--beats-per-bar must be >= 1, got {args.beats_per_bar}")
-    if args.offset < 0:
-        raise ValueError(f"--offset must be >= 0, got {args.offset:g}")
+    if not (args.offset >= 0 and math.isfinite(args.offset)):
+        raise ValueError(f"--offset must be a finite number >= 0 (seconds), got {args.offset:g}")
     if args.context and args.bpm is not None:
         raise ValueError("give --context or --bpm, not both")
-    if args.bpm is not None and args.duration is None:
-        raise ValueError("--bpm needs --duration (there is no context to take the length from)")
+    if args.bpm is not None:
+        if args.duration is None:
+            raise ValueError("--bpm needs --duration (there is no context to take the length from)")
+        if args.duration < 1 / FRAME_RATE:
+            raise ValueError(f"--duration must be at least {1 / FRAME_RATE:g} s (one codec frame) with --bpm, got {args.duration:g}")
+        if args.offset >= args.duration:
+            raise ValueError(f"--offset {args.offset:g} s is not before the end of the click track (--duration "
+                             f"{args.duration:g} s): it would hold no click")
     if args.mix_out and not (args.context or args.bpm is not None):
         raise ValueError("--mix-out needs --context or --bpm")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device or "cpu"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if args.context:
+        check_input_file(args.context)  # a FIFO, a folder, a symlink loop: refused before it is opened
     check_writable(args.out)
     if args.mix_out:
         check_writable(args.mix_out)
+        if same_file(args.out, args.mix_out):
+            raise ValueError(f"--mix-out and --out are the same file ({args.out}): the mix would replace the stem")
+    for flag, path in (("--out", args.out), ("--mix-out", args.mix_out)):
+        if path and args.context and same_file(path, args.context) and not args.overwrite:
+            raise ValueError(f"{flag} {path} is the --context file: it would be overwritten "
+                             "(choose another name, or pass --overwrite)")
 
 
-def read_context(args) -> np.ndarray | None:
-    """The context as mono 32 kHz audio: a file, a click track, or None for text alone."""
+def read_context(args):
+    """(context as mono 32 kHz audio, or None for text alone; the whole context's length in frames).
+    Only the part of a file the model or the mix can use is read (a partial read)."""
+    import numpy as np
+
+    from stage_min.audio import AudioError, audio_seconds, load_audio
+
     if args.context:
-        audio = load_audio(args.context, SAMPLE_RATE)
-        if len(audio) < SAMPLE_RATE // FRAME_RATE:
-            raise AudioError(f"{args.context}: too short ({len(audio) / SAMPLE_RATE * 1000:.1f} ms; at least 20 ms)")
+        total = int(audio_seconds(args.context) * SAMPLE_RATE) // HOP
+        longest = args.duration if args.duration is not None else (MAX_FRAMES - 1) // 2 / FRAME_RATE
+        audio = load_audio(args.context, SAMPLE_RATE, max_seconds=longest + 2 / FRAME_RATE)
+        if len(audio) < HOP:
+            raise AudioError(f"{args.context}: too short: {len(audio)} samples at {SAMPLE_RATE} Hz "
+                             f"({len(audio) / SAMPLE_RATE * 1000:.2f} ms); the model needs at least {HOP} samples (one 20 ms frame)")
         if np.abs(audio).max() < 1e-4:
             raise AudioError(f"{args.context}: the audio is silent")
-        return audio
+        return audio, max(total, len(audio) // HOP)
     if args.bpm is not None:
         from stage_min.metronome import metronome
 
-        return metronome(args.bpm, args.duration, args.beats_per_bar, args.offset, SAMPLE_RATE)
-    return None
+        audio = metronome(args.bpm, args.duration, args.beats_per_bar, args.offset, SAMPLE_RATE)
+        return audio, len(audio) // HOP
+    return None, 0
 
 
-def plan_frames(args, context: np.ndarray | None) -> tuple[int, int]:
-    """(stem frames, context frames), cutting the context to what the model can take."""
+def plan_frames(args, context, total_frames: int) -> tuple[int, int]:
+    """(stem frames, context frames), cutting the context to what the model can take.
+    total_frames: the whole context's length (only its first part may have been read)."""
     if context is None:
         seconds = 5.0 if args.duration is None else args.duration
-        if seconds * FRAME_RATE > MAX_FRAMES:
-            raise ValueError(f"--duration at most {MAX_FRAMES / FRAME_RATE:g} s for text alone, got {seconds:g}")
         return max(1, round(seconds * FRAME_RATE)), 0
-    context_frames = len(context) // (SAMPLE_RATE // FRAME_RATE)
+    read_frames = len(context) // HOP
     if args.duration is None:  # as long as the context, as much as fits next to it
-        n_frames = kept = min(context_frames, (MAX_FRAMES - 1) // 2)
-        cut = kept < context_frames
+        n_frames = kept = min(read_frames, (MAX_FRAMES - 1) // 2)
+        cut = kept < total_frames
     else:
         n_frames = max(1, round(args.duration * FRAME_RATE))
-        if n_frames > MAX_FRAMES - 2:
-            raise ValueError(f"--duration at most {(MAX_FRAMES - 2) / FRAME_RATE:g} s with a context, got {args.duration:g}")
-        kept = min(context_frames, n_frames, MAX_FRAMES - 1 - n_frames)
-        cut = kept < min(context_frames, n_frames)  # a context longer than the stem is not needed: no warning
+        kept = min(read_frames, n_frames, MAX_FRAMES - 1 - n_frames)
+        cut = kept < min(total_frames, n_frames)  # a context longer than the stem is not needed: no warning
     if cut:
-        print(f"warning: the context is {context_frames / FRAME_RATE:.2f} s; the model takes {MAX_FRAMES / FRAME_RATE:g} s "
+        print(f"warning: the context is {total_frames / FRAME_RATE:.2f} s; the model takes {MAX_FRAMES / FRAME_RATE:g} s "
               f"of context + stem: kept its first {kept / FRAME_RATE:.2f} s for a {n_frames / FRAME_RATE:.2f} s stem",
               file=sys.stderr)
     return n_frames, kept
 
 
-def run(args):
+def run(args, interrupted):
     check_options(args)
-    context = read_context(args)
-    n_frames, context_frames = plan_frames(args, context)
+    context, total_frames = read_context(args)
+    n_frames, context_frames = plan_frames(args, context, total_frames)
 
+    import numpy as np
     import torch  # heavy imports only once the input is known to be good
 
+    from stage_min.audio import save_audio
     from stage_min.pipeline import MusicGen
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but no CUDA device is available")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s)")
     sampling = sampling_config(args)
     if args.model is None:
         if not (TOY_MODEL / "config.json").exists():
@@ -147,33 +191,53 @@ def run(args):
         if model.context_token_added:
             print(f"warning: {args.model} is a plain MusicGen, not a STAGE model: its context token is untrained, "
                   "so the stem will not follow the context", file=sys.stderr)
-        hop = SAMPLE_RATE // FRAME_RATE
-        audio, _ = model.accompany([torch.from_numpy(context[: context_frames * hop])], [args.prompt], n_frames,
+        audio, _ = model.accompany([torch.from_numpy(context[: context_frames * HOP])], [args.prompt], n_frames,
                                    sampling, seed=args.seed, progress=True, compile=args.compile)
-    stem = audio[0, 0].cpu().numpy()
-    save_audio(args.out, stem, model.sample_rate)
-    print(f"wrote {args.out}: {len(stem) / model.sample_rate:.2f} s at {model.sample_rate} Hz")
+    stem = audio[0, 0].float().cpu().numpy()
+    if not np.isfinite(stem).all():
+        raise ValueError("the generated audio holds NaN or infinite values; nothing was written")
+    outputs = [(args.out, stem, f"{len(stem) / model.sample_rate:.2f} s at {model.sample_rate} Hz")]
     if args.mix_out:
         bed = np.zeros_like(stem)
         bed[: min(len(stem), len(context))] = context[: len(stem)]
-        save_audio(args.mix_out, bed + stem, model.sample_rate)
-        print(f"wrote {args.mix_out}: context + stem, {len(stem) / model.sample_rate:.2f} s")
+        outputs.append((args.mix_out, bed + stem, f"context + stem, {len(stem) / model.sample_rate:.2f} s"))
+    for path, samples, what in outputs:
+        if interrupted:  # a Ctrl-C that some library swallowed still stops here: nothing is written after it
+            raise KeyboardInterrupt
+        save_audio(path, samples, model.sample_rate)
+        print(f"wrote {path}: {what}")
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    interrupted = []
+
+    def on_interrupt(signum, frame):
+        interrupted.append(signum)  # remembered even if the exception below is caught by a library
+        raise KeyboardInterrupt
+
     try:
-        run(args)
+        previous = signal.signal(signal.SIGINT, on_interrupt)
+    except ValueError:  # not the main thread (called from a library): no handler of ours
+        previous = None
+    try:
+        args = parse_args(argv)
+        run(args, interrupted)
+        if interrupted:
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # every failure a user can cause ends in one line, never a traceback
+        from stage_min.audio import AudioError
         from stage_min.loading import LoadError
 
         if not isinstance(e, (LoadError, AudioError, ValueError, OSError)):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Procedural stems for offline training runs: drums, bass and chords, numpy only.
 
-    python -m stage_min.synth DIR --songs 16 [--seconds 20] [--seed 0]
+    python -m stage_min.synth DIR --songs 16 [--seconds 20] [--seed 0] [--overwrite]
 
 writes DIR/song_000/{drums,bass,chords}.wav, beats.txt (one `<seconds> <position in bar>` line per
-beat) and caption.txt, i.e. the plain layout that `stage_min.data` reads.
+beat) and caption.txt, i.e. the plain layout that `stage_min.data` reads. DIR must be new or empty
+(`--overwrite` writes into a folder that is not, replacing the songs of the same names).
 
 The stems are deliberately coupled, so that a model can learn in few steps that the context
 tells it about the target: the kick pattern changes every bar at random and the bass plays on
@@ -180,17 +181,46 @@ def write_dataset(folder, n_songs: int, seconds: float = 20.0, seed: int = 0, sr
     return folder
 
 
+MAX_SECONDS = 600.0  # ten minutes a song: enough for any test; a limit keeps a typo from filling the disk
+MAX_SONGS = 100000
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_args(args):
+    """One-line errors for everything, before anything is written."""
+    if not 1 <= args.songs <= MAX_SONGS:
+        raise ValueError(f"--songs must be in [1, {MAX_SONGS}], got {args.songs}")
+    if not 0 < args.seconds <= MAX_SECONDS:  # NaN fails too
+        raise ValueError(f"--seconds must be > 0 and at most {MAX_SECONDS:g}, got {args.seconds:g}")
+    if not 0 <= args.seed <= 2**63 - 1:
+        raise ValueError(f"--seed must be in [0, 2^63 - 1], got {args.seed}")
+    folder = Path(args.folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file; give a folder for the songs")
+    if folder.is_dir() and any(folder.iterdir()) and not args.overwrite:
+        raise ValueError(f"{folder} is not empty: its songs and captions would be overwritten "
+                         "(choose a new folder, or pass --overwrite)")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folder")
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", help="where to write the songs: a new or empty folder")
     p.add_argument("--songs", type=int, default=16)
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty (replacing its songs)")
     args = p.parse_args(argv)
-    if args.songs < 1 or not args.seconds > 0:
-        print("error: --songs must be >= 1 and --seconds > 0", file=sys.stderr)
+    try:
+        check_args(args)
+        write_dataset(args.folder, args.songs, args.seconds, args.seed)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    write_dataset(args.folder, args.songs, args.seconds, args.seed)
     print(f"wrote {args.songs} songs to {args.folder}")
 
 

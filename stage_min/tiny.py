@@ -102,25 +102,48 @@ def make_codec_hear(folder, audio_files, seed=0, n_distinct=(32, 2, 2, 2)):
     model.save_pretrained(folder)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from transformers.utils import logging as hf_logging
+
+    from .formats import _write_folder, check_new_folder
+    from .loading import LoadError
+
+    hf_logging.set_verbosity_error()  # a tool's output: its result or one error line, not transformers' chatter
+    hf_logging.disable_progress_bar()
+
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="folder to write (must not exist, or be empty)")
     p.add_argument("--hear", help="a dataset folder (plain layout): fit the codec's codebooks to its drums and bass")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        sys.exit(f"error: {out} exists and is not an empty folder")
-    files = []
-    if args.hear:
-        files = sorted(Path(args.hear).glob("*/drums.wav"))[:6] + sorted(Path(args.hear).glob("*/bass.wav"))[:6]
-        if not files:
-            sys.exit(f"error: {args.hear} has no song folders with drums.wav or bass.wav")
-    out.mkdir(parents=True, exist_ok=True)
-    build(out, seed=args.seed)
-    if files:
-        make_codec_hear(out, files, seed=args.seed)
-    print(f"wrote a tiny random MusicGen to {out}")
+    try:
+        if not 0 <= args.seed < 2**32:  # numpy's and torch's generators both take it
+            raise ValueError(f"--seed must be in [0, 2^32 - 1], got {args.seed}")
+        check_new_folder(args.out)
+        files = []
+        if args.hear:
+            if not Path(args.hear).is_dir():
+                raise ValueError(f"--hear {args.hear} is not a folder")
+            files = sorted(Path(args.hear).glob("*/drums.wav"))[:6] + sorted(Path(args.hear).glob("*/bass.wav"))[:6]
+            if not files:
+                raise ValueError(f"{args.hear} has no song folders with drums.wav or bass.wav")
+
+        def fill(tmp):  # built under a temporary name: a failure never leaves a half-built model folder
+            build(tmp, seed=args.seed)
+            if files:
+                make_codec_hear(tmp, files, seed=args.seed)
+
+        _write_folder(Path(args.out), fill)
+    except (LoadError, ValueError, OSError, RuntimeError) as e:  # RuntimeError: soundfile on a corrupt --hear file
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote a tiny random MusicGen to {args.out}")
 
 
 if __name__ == "__main__":
