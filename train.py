@@ -9,6 +9,7 @@ The run folder is the checkpoint: `python sample.py --model runs/drums ...` load
 import argparse
 import contextlib
 import datetime
+import math
 import os
 import sys
 import time
@@ -62,10 +63,7 @@ def train(cfg: T.TrainConfig, resume: bool):
     cfg.check()
     rank, world, local_rank = T.distributed_env()
     master = rank == 0
-    try:
-        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise T.UsageError(f"--device must be cpu, cuda or cuda:N, got {cfg.device!r}") from None
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))  # its form: cfg.check()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise T.UsageError("--device cuda asked for, but no CUDA device is available")
     if world > 1:
@@ -84,6 +82,8 @@ def train(cfg: T.TrainConfig, resume: bool):
         state = T.check_resumable(out, cfg)
     elif T.has_checkpoint(out):
         raise T.UsageError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    if master and out.is_dir():
+        T.remove_stale(out)  # temporaries of a save that was killed
     songs = D.find_songs(cfg.data)  # before the (slow) model load: a bad --data fails fast
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.data) / ".stage_min_cache"
     for folder, flag in ((out, "--out"), (cache_dir, "--cache-dir")):
@@ -94,6 +94,9 @@ def train(cfg: T.TrainConfig, resume: bool):
         if not os.access(folder, os.W_OK):
             raise T.UsageError(f"{flag} {folder} is not writable")
     train_songs, val_songs = D.split_songs(songs, cfg.data_cfg.val_fraction, cfg.seed)
+    if not train_songs:
+        raise T.UsageError(f"--val-fraction {cfg.data_cfg.val_fraction:g} holds out all {len(songs)} songs: none is left "
+                           "to train on; lower it")
 
     # ---- model, optimizer --------------------------------------------------------------------
     if resume:
@@ -137,11 +140,14 @@ def train(cfg: T.TrainConfig, resume: bool):
     train_data, val_data = prepare(train_songs), prepare(val_songs)
     if world > 1 and master:
         dist.barrier()
-    windows = D.StemWindows(train_data, cfg.data_cfg, codec.frame_rate, codec.sample_rate, stats)
-    val_windows = D.StemWindows(val_data, cfg.data_cfg, codec.frame_rate, codec.sample_rate, stats) if val_data else None
+    try:
+        windows = D.StemWindows(train_data, cfg.data_cfg, codec.frame_rate, codec.sample_rate, stats)
+    except D.DataError as e:
+        held = f" ({len(val_songs)} of {len(songs)} songs are held out by --val-fraction {cfg.data_cfg.val_fraction:g})" if val_songs else ""
+        raise D.DataError(f"no training songs left: {e}{held}") from None
     eval_batches = []
-    if val_windows is not None and master:  # fixed held-out windows, encoded once
-        ex = [val_windows.draw(np.random.default_rng([cfg.seed, 2**31, i])) for i in range(cfg.eval_windows)]
+    if master:  # fixed held-out windows, encoded once
+        ex = T.validation_windows(val_songs, val_data, cfg, codec, stats)
         for i in range(0, len(ex), micro_bs):
             chunk = ex[i:i + micro_bs]
             eval_batches.append(T.make_batch(model, chunk, [False] * len(chunk), [False] * len(chunk), device))
@@ -179,7 +185,11 @@ def train(cfg: T.TrainConfig, resume: bool):
                 total = torch.tensor([loss_sum], device=device)
                 dist.all_reduce(total)
                 loss_sum = total.item() / world
-            torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.clip)
+            if not (math.isfinite(loss_sum) and bool(torch.isfinite(grad_norm))):  # same on every rank: all stop
+                raise T.Diverged(f"step {step + 1}: the loss ({loss_sum:g}) or the gradient norm ({float(grad_norm):g}) "
+                                 f"is not finite; stopped without saving: the last checkpoint in {out} is kept "
+                                 "(try a lower --lr)")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -203,6 +213,10 @@ def train(cfg: T.TrainConfig, resume: bool):
         if master:
             print(f"interrupted: checkpoint at step {step} in {out}; continue with --resume", file=sys.stderr)
         sys.exit(130)
+    except BaseException:  # e.g. T.Diverged: the error line goes below the bar, the Ctrl-C handler is restored
+        stop.restore()
+        bar.close()
+        raise
     bar.close()
     if world > 1:
         dist.barrier()
@@ -215,7 +229,7 @@ def main(argv=None):
     cfg, resume = parse_args(argv)
     try:
         train(cfg, resume)
-    except (T.UsageError, D.DataError, LoadError, AudioError, ValueError) as e:
+    except (T.UsageError, T.Diverged, D.DataError, LoadError, AudioError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -19,6 +19,7 @@ common `.beats` annotation format). Lines starting with # are comments. Without 
 """
 import hashlib
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ import soxr
 import torch
 
 from .audio import AudioError, load_audio
+from .evaluation import TRACKER_ID, track_beats  # one beat tracker for training data and evaluation
 from .metronome import click_track
 
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff"}
@@ -37,7 +39,7 @@ NOT_STEMS = {"mixture", "mix"}
 # data.json, so that a folder of songs is never taken for one song with odd stems
 MOISESDB_STEMS = {"vocals", "bass", "drums", "guitar", "other_keys", "piano", "percussion", "bowed_strings",
                   "wind", "other_plucked", "other"}
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: no numpy arrays in the file, so that it loads with weights_only=True
 
 
 class DataError(Exception):
@@ -59,8 +61,13 @@ class DataConfig:
     def check(self):
         if not self.target:
             raise ValueError("--target is empty")
+        for name in ("target_seconds", "context_min", "context_max", "context_step", "silence"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name):g}")
         if not self.target_seconds > 0:
             raise ValueError(f"--target-seconds must be > 0, got {self.target_seconds:g}")
+        if not 0 <= self.silence < 1:
+            raise ValueError(f"--silence must be in [0, 1) (a peak level), got {self.silence:g}")
         if not 0 < self.context_min <= self.context_max <= self.target_seconds:
             raise ValueError(f"need 0 < --context-min <= --context-max <= --target-seconds, got "
                              f"{self.context_min:g}, {self.context_max:g}, {self.target_seconds:g}")
@@ -170,16 +177,6 @@ def format_beats(times, positions) -> str:
     return "".join(f"{t:.4f} {p}\n" for t, p in zip(times, positions))
 
 
-def track_beats(mixture: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Beat times (s) of a mixture with librosa's beat tracker (dynamic programming over onset
-    strength, Ellis 2007): a maintained, well-tested implementation rather than our own."""
-    import librosa  # imported here: slow to import, and only needed for songs without beats.txt
-
-    y = soxr.resample(mixture, sample_rate, 22050).astype(np.float32)
-    _, beats = librosa.beat.beat_track(y=y, sr=22050, units="time")
-    return np.asarray(beats, dtype=np.float64)
-
-
 # ---- the per-song cache -------------------------------------------------------------------------
 def file_key(paths) -> list:
     """What identifies a file's content cheaply: path, size and modification time."""
@@ -267,16 +264,19 @@ def prepare_song(song: Song, cfg: DataConfig, codec, device, cache_dir: Path, co
         except OSError as e:
             stats.warn_file(f"{song.name}/{stem}: {e}")
     # whether beats are annotated is part of the key: a cache made with beats.txt holds no tracked beats
-    key_src = json.dumps([CACHE_VERSION, cfg.target, codec_id, sr, song.beats_file is None,
+    # (songs with beats.txt keep their old keys; tracked beats are redone when the tracker changes)
+    key_src = json.dumps([CACHE_VERSION, cfg.target, codec_id, sr, TRACKER_ID if song.beats_file is None else False,
                           {s: file_key(f) for s, f in sorted(usable.items())}])
     key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
     path = cache_dir / f"{song.name}.{cfg.target}.{key}.pt"
     cached = None
     if path.exists():
-        try:
-            cached = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception:
-            cached = None  # a broken cache file is just recomputed
+        from .loading import LoadError, safe_torch_load
+
+        try:  # weights_only: a cache file planted in the data folder cannot run code
+            cached = safe_torch_load(path)
+        except LoadError:
+            cached = None  # a broken (or unsafe) cache file is just recomputed
     if cached is None:
         audio = {}
         for stem, files in usable.items():
@@ -295,7 +295,7 @@ def prepare_song(song: Song, cfg: DataConfig, codec, device, cache_dir: Path, co
                 mix = np.zeros(n, dtype=np.float32)
                 for a in audio.values():
                     mix[:len(a)] += a
-                cached["beats"] = track_beats(mix, sr)
+                cached["beats"] = torch.from_numpy(track_beats(mix, sr))
         from .loading import write_atomic
         cache_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(path, lambda p: torch.save(cached, p))
@@ -312,7 +312,7 @@ def prepare_song(song: Song, cfg: DataConfig, codec, device, cache_dir: Path, co
             stats.warn_file(f"{song.beats_file}: {e}")
             beats, down = np.zeros(0), np.zeros(0, dtype=bool)
     else:
-        beats = np.asarray(cached["beats"])
+        beats = np.asarray(cached["beats"], dtype=np.float64)
         down = np.arange(len(beats)) % 4 == 0
     peaks = {s: p.numpy() for s, p in cached["peaks"].items()}
     song = Song(song.name, song.folder, {s: f for s, f in usable.items() if s in peaks}, song.caption, song.beats_file)

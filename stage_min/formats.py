@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .loading import (LoadError, gather, is_native, name_first, lm_config_from_hf, lm_config_from_native, lm_state_from_hf, lm_state_to_hf, with_default_mode,
-                      read_config, read_state_dict, resolve_model_dir, submodule_state)
+                      read_config, read_state_dict, resolve_model_dir, safe_torch_load, submodule_state)
 from .model import LMConfig
 
 DEFAULT_T5 = "google-t5/t5-base"  # MusicGen's and STAGE's text encoder
@@ -45,11 +45,23 @@ class Checkpoint:
 
 
 # ---- which layout -------------------------------------------------------------------------------
+def _looks_like_safetensors(path: Path) -> bool:
+    """The first bytes of a safetensors file: an 8-byte header length, then a JSON object."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise LoadError(f"cannot read {path} ({e.strerror or type(e).__name__})") from None
+    return len(head) == 9 and 2 <= int.from_bytes(head[:8], "little") < 2**31 and head[8:9] == b"{"
+
+
 def _is_stage_file(path: Path) -> bool:
     try:
         with safe_open(str(path), framework="pt") as f:
             return any(k.startswith("lm.decoder.") for k in f.keys())
-    except Exception:  # not safetensors at all
+    except Exception as e:  # not safetensors at all, or a damaged one
+        if _looks_like_safetensors(path):
+            raise LoadError(f"{path}: a damaged safetensors file (truncated?): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         return False
 
 
@@ -122,9 +134,13 @@ def _read_native(folder: Path, t5) -> Checkpoint:
     if bundled and ("text_encoder" not in config or "audio_encoder" not in config):
         raise LoadError(f"{folder} holds text encoder / codec weights but config.json lacks their sections")
     if not bundled:  # T5 + EnCodec come from the base model
-        if not config.get("base"):
+        base = config.get("base")
+        if not base or not isinstance(base, str):
             raise LoadError(f"{folder}/config.json names no base model for the text encoder and codec")
-        folder = resolve_model_dir(config["base"])
+        if Path(base).is_absolute() and not Path(base).exists():
+            raise LoadError(f"{folder}/config.json takes its text encoder and codec from {base}, which no longer exists; "
+                            "put that base model back there (or convert the run to a self-contained folder while it exists)")
+        folder = resolve_model_dir(base)
         config, state = read_config(folder), read_state_dict(folder)
     return Checkpoint("native", cfg, lm_state, config, state, folder)
 
@@ -149,11 +165,7 @@ def _read_t5(t5: str | None, weights: bool = True) -> tuple[dict, dict, Path]:
 def _read_pkg(path: Path) -> dict:
     if not path.exists():
         raise LoadError(f"{path} is missing (the audiocraft layout needs state_dict.bin and compression_state_dict.bin)")
-    try:  # weights_only: never run pickled code from a downloaded file
-        pkg = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise LoadError(f"cannot read {path} safely ({type(e).__name__}: {first[:150]})") from None
+    pkg = safe_torch_load(path)  # weights_only: never run pickled code from a downloaded file
     if not isinstance(pkg, dict) or not ("best_state" in pkg or "pretrained" in pkg):
         raise LoadError(f"{path} is not an audiocraft checkpoint (no 'best_state')")
     return pkg
@@ -423,12 +435,17 @@ def _parts(model) -> tuple[dict, dict, bytes]:
     return weights, configs, model.text_encoder.sp.serialized_model_proto()
 
 
-def export_native(model, dst, extra: dict | None = None):
-    """Our layout, self-contained: LM + T5 + EnCodec weights, their configs and spiece.model."""
+def export_native(model, dst, extra: dict | None = None, dtype: str = "float32"):
+    """Our layout, self-contained: LM + T5 + EnCodec weights, their configs and spiece.model.
+    dtype "float16" halves the file (weights are loaded back as float32, or the dtype asked for)."""
     from .loading import save_native
 
     weights, configs, spiece = _parts(model)
     lm_state = {k: v.detach().float() for k, v in model.lm.state_dict().items()}
+    if dtype != "float32":
+        to = getattr(torch, dtype)
+        lm_state = {k: v.to(to) for k, v in lm_state.items()}
+        weights = {k: v.to(to) if v.is_floating_point() else v for k, v in weights.items()}
 
     def fill(tmp):
         save_native(tmp, lm_state, model.lm.cfg, base=None, extra=extra, more_weights=weights, more_config=configs)

@@ -220,6 +220,13 @@ def test_cli_folder_skips_unreadable_files_and_writes_the_others(hearing, tmp_pa
     (["--model", "{model}", "--model", "{model}"], "--model given more than once"),
     (["--stems", "drums", "--model", "drums={model}", "--continue", "{d}/song.wav", "--duration", "1"], "drop --duration"),
     (["--context", "{d}/empty", "--out", "{d}/stems"], "no audio files"),
+    (["--window", "inf"], "--window must be a finite number"),
+    (["--overlap", "nan"], "--overlap must be >= 0"),
+    (["--stems", "drums"], "no model for stem drums"),  # no toy default for a named stem
+    (["--stems", "drums", "--model", "drums={model}", "--mix-out", "{d}/song.wav"], "is the --context file"),
+    (["--stems", "drums,bass", "--model", "drums={model}", "--model", "bass={model}", "--mix-out", "{d}/x_bass.wav"],
+     "the same file"),
+    (["--context", "{d}", "--out", "{d}", "--model", "{model}"], "is the --context folder's song.wav file"),
 ])
 def test_bad_song_options_one_line_exit_2_nothing_written(hearing, tmp_path, capsys, args, message):
     sf.write(tmp_path / "song.wav", tone(1.0), SR)
@@ -231,3 +238,16 @@ def test_bad_song_options_one_line_exit_2_nothing_written(hearing, tmp_path, cap
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "song.wav"]
     assert [p.name for p in (tmp_path / "empty").iterdir()] == ["readme.txt"]
+
+
+def test_outputs_are_all_checked_before_any_is_written(tmp_path):
+    """A NaN in any stem, or a Ctrl-C, and no file of a stack is written."""
+    paths = {n: tmp_path / f"out_{n}.wav" for n in ["drums", "bass"]}
+    good = {"drums": tone(0.1), "bass": tone(0.1)}
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        sample.write_outputs(paths, {**good, "bass": np.full(100, np.nan)}, tmp_path / "mix.wav", tone(0.1), [])
+    with pytest.raises(KeyboardInterrupt):
+        sample.write_outputs(paths, good, tmp_path / "mix.wav", tone(0.1), [2])
+    assert list(tmp_path.iterdir()) == []
+    sample.write_outputs(paths, good, tmp_path / "mix.wav", tone(0.1), [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mix.wav", "out_bass.wav", "out_drums.wav"]
