@@ -1,6 +1,6 @@
 """The toy STAGE shipped in weights/stage-toy, rebuilt from nothing on a CPU:
 
-    python -m stage_min.toy weights/stage-toy [--work runs/toy] [--songs 2000] [--steps 3000]
+    python -m stage_min.toy weights/stage-toy [--work runs/toy] [--songs 1000] [--steps 3000]
 
 Steps, each kept in the work folder so that a stopped run picks up where it was:
 1. songs: synthetic songs in `synth.TOY` style (70-180 BPM, 3/4, 4/4 and 5/4, three fixed kits named in
@@ -28,7 +28,7 @@ from .codec_train import CodecTrainConfig
 ROOT = Path(__file__).resolve().parents[1]
 WINDOW_SECONDS = 4.0
 TRAIN_OPTIONS = [  # train.py options of the toy LM (beside --data/--out/--base/--max-steps)
-    "--target", "drums", "--preset", "tiny", "--dim", "256", "--layers", "4", "--heads", "4",
+    "--target", "drums", "--preset", "tiny", "--dim", "128", "--layers", "4", "--heads", "4",
     "--target-seconds", str(WINDOW_SECONDS), "--context-min", str(WINDOW_SECONDS), "--context-max", str(WINDOW_SECONDS),
     "--batch-size", "16", "--lr", "1e-3", "--eval-every", "250", "--save-every", "250", "--eval-windows", "64",
     "--val-fraction", "0.02",
@@ -72,8 +72,11 @@ def make_base(folder: Path, codec_folder: Path, seed: int):
 def train_lm(run: Path, songs: Path, base: Path, steps: int, seed: int):
     cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(songs), "--out", str(run), "--base", str(base),
            "--max-steps", str(steps), "--seed", str(seed), *TRAIN_OPTIONS]
-    if (run / "config.json").exists():
-        if json.loads((run / "config.json").read_text()).get("step", 0) >= steps:
+    from .training import latest_checkpoint
+
+    done = latest_checkpoint(run)
+    if done is not None:
+        if json.loads((done / "config.json").read_text()).get("step", 0) >= steps:
             return
         cmd.append("--resume")
     log(" ".join(cmd))
@@ -84,8 +87,10 @@ def package(run: Path, out: Path):
     from .formats import export_native
     from .pipeline import MusicGen
 
+    from .loading import follow_latest
+
     model = MusicGen.from_pretrained(str(run))
-    step = json.loads((run / "config.json").read_text()).get("step")
+    step = json.loads((follow_latest(run) / "config.json").read_text()).get("step")
     export_native(model, out, extra={"window_seconds": WINDOW_SECONDS, "trained_steps": step}, dtype="float16")
 
 
@@ -93,7 +98,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="model folder to write (must not exist)")
     p.add_argument("--work", default="runs/toy", help="folder for the songs, codec, base and LM run")
-    p.add_argument("--songs", type=int, default=2000, help="synthetic songs to train the LM on")
+    p.add_argument("--songs", type=int, default=1000, help="synthetic songs to train the LM on")
     p.add_argument("--song-seconds", type=float, default=6.0, help="length of each song")
     p.add_argument("--steps", type=int, default=3000, help="LM optimizer steps")
     p.add_argument("--codec-steps", type=int, default=CodecTrainConfig.steps, help="codec autoencoder steps")
