@@ -27,11 +27,12 @@ from .codec_train import CodecTrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 WINDOW_SECONDS = 4.0
+VAL_FRACTION = 0.02  # 20 of 1000 songs held out, for the accompaniment evaluation
 TRAIN_OPTIONS = [  # train.py options of the toy LM (beside --data/--out/--base/--max-steps)
     "--target", "drums", "--preset", "tiny", "--dim", "128", "--layers", "4", "--heads", "4",
     "--target-seconds", str(WINDOW_SECONDS), "--context-min", str(WINDOW_SECONDS), "--context-max", str(WINDOW_SECONDS),
-    "--batch-size", "16", "--lr", "1e-3", "--eval-every", "250", "--save-every", "250", "--eval-windows", "64",
-    "--val-fraction", "0.02",
+    "--batch-size", "8", "--lr", "1e-3", "--eval-every", "250", "--save-every", "250", "--eval-windows", "64",
+    "--val-fraction", str(VAL_FRACTION), "--p-full-context", "0", "--context-stems", "bass,chords", "--no-augment",
 ]
 
 
@@ -94,6 +95,28 @@ def package(run: Path, out: Path):
     export_native(model, out, extra={"window_seconds": WINDOW_SECONDS, "trained_steps": step}, dtype="float16")
 
 
+def evaluate_model(model_dir: Path, songs: Path, out: Path, seed: int) -> dict:
+    """The tempo experiment (click tracks at 80-170 BPM, 3 seeds, 8 s) and accompaniment of held-out
+    songs (bass + chords as the context), each beside its context-dropped baseline (evaluate.py's)."""
+    from . import evaluation as E
+    from .pipeline import MusicGen
+
+    model = MusicGen.from_pretrained(str(model_dir))
+    tempo = E.tempo_experiment(model, list(range(80, 171, 10)), 3, 8.0, "", out / "tempo")
+    accompany = E.accompany_experiment(model, songs, "drums", out / "accompany", seconds=8.0, seed=seed,
+                                       val_fraction=VAL_FRACTION, split_seed=seed)
+    for name, results in (("tempo", tempo), ("accompany", accompany)):
+        E.write_results(results, out / name)
+        E.write_report(results, out / name)
+    summary = {"tempo_f1": tempo["mean"], "tempo_f1_nocontext": tempo["mean_nocontext"],
+               "accompany_f1": accompany["mean"], "accompany_f1_nocontext": accompany["mean_nocontext"],
+               "accompany_f1_reference": accompany["mean_reference"],
+               **{k: accompany[k] for k in ("fad_encodec", "fad_encodec_nocontext", "kad_encodec", "kad_encodec_nocontext")}}
+    (out / "summary.json").write_text(json.dumps(E.jsonable(summary), indent=2))
+    log(f"evaluation: {json.dumps(E.jsonable(summary))}")
+    return summary
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="model folder to write (must not exist)")
@@ -104,6 +127,7 @@ def main(argv=None):
     p.add_argument("--codec-steps", type=int, default=CodecTrainConfig.steps, help="codec autoencoder steps")
     p.add_argument("--codec-songs", type=int, default=CodecTrainConfig.songs, help="songs the codec is trained on")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation (results in WORK/eval)")
     a = p.parse_args(argv)
     codec_cfg = CodecTrainConfig(steps=a.codec_steps, songs=a.codec_songs, seed=a.seed,
                                  finetune_steps=max(1, a.codec_steps * CodecTrainConfig.finetune_steps // CodecTrainConfig.steps),
@@ -116,6 +140,8 @@ def main(argv=None):
     log("base"), make_base(work / "base", work / "codec", a.seed)
     log("lm"), train_lm(work / "lm", work / "songs", work / "base", a.steps, a.seed)
     log("package"), package(work / "lm", Path(a.out))
+    if not a.no_eval:
+        log("evaluate"), evaluate_model(Path(a.out), work / "songs", work / "eval", a.seed)
     log(f"done in {(time.time() - t0) / 60:.1f} min: {a.out}")
 
 
