@@ -51,7 +51,8 @@ def main(argv=None):
         build_page(generator, args.model).launch(server_name=args.host, server_port=args.port, share=False,
                                                  inbrowser=False, ssr_mode=False, mcp_server=False)
     except OSError as e:  # the port is taken, or the address is not this machine's
-        print(f"error: cannot serve on {args.host}:{args.port} ({e})", file=sys.stderr)
+        reason = str(e).split(". ")[0]  # gradio goes on with advice about its own parameters
+        print(f"error: cannot serve on {args.host}:{args.port} ({reason})", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         pass
