@@ -63,7 +63,7 @@ def resolve_model_dir(name: str) -> Path:
     except Exception as e:  # offline, unknown repo, gated, disk full: all end the same way
         raise LoadError(
             f"could not download {name} ({type(e).__name__}); when offline, put its files in {local} "
-            f"(huggingface-cli download {name} --local-dir {local})"
+            f"(hf download {name} --local-dir {local})"
         ) from None
     return local
 

@@ -49,6 +49,9 @@ def tiny_config(dim=64, layers=2, heads=4, text_dim=32, vocab=120, audio=None):
     decoder = MusicgenDecoderConfig(
         vocab_size=audio.codebook_size, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=4 * dim,
         num_codebooks=4, max_position_embeddings=2048, dropout=0.0,
+        # MusicGen's special code (= codebook size) is a row past the vocabulary, which transformers'
+        # config check flags as out of range: it goes in the generation config instead (see build)
+        pad_token_id=None, bos_token_id=None,
     )
     return MusicgenConfig(text_encoder=text.to_dict(), audio_encoder=audio.to_dict(), decoder=decoder.to_dict())
 
@@ -60,6 +63,8 @@ def build(folder, seed=0, codec=None, **config):
 
     torch.manual_seed(seed)
     model = MusicgenForConditionalGeneration(tiny_config(**config, audio=codec.config if codec else None)).eval()
+    special = model.config.decoder.vocab_size  # generate() starts and pads with it, as the hub repos' generation_config.json says
+    model.generation_config.update(bos_token_id=special, pad_token_id=special, decoder_start_token_id=special)
     with torch.no_grad():
         if codec is not None:
             model.audio_encoder.load_state_dict(codec.state_dict())

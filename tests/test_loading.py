@@ -157,7 +157,7 @@ def test_hub_id_offline_says_where_to_put_files(tmp_path, monkeypatch):
         MusicGen.from_pretrained(hub_id)
     msg = str(err.value)
     assert "could not download facebook/musicgen-small" in msg and str(tmp_path / "weights" / "facebook--musicgen-small") in msg
-    assert "huggingface-cli download" in msg
+    assert "hf download facebook/musicgen-small --local-dir" in msg
 
 
 def test_native_layout_round_trip_and_context_token(tiny_hf, tmp_path):

@@ -1,0 +1,230 @@
+"""The web demo in a real browser: app.py serves a tiny random STAGE model on a free local port, headless
+Chromium (Debian's `chromium`, driven by playwright) uploads a song, generates, and downloads the stem.
+Needs `pip install -e ".[test,app]"` and `apt-get install chromium`; .ci/run installs both."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+gr = pytest.importorskip("gradio", reason="the web demo needs gradio: pip install -e '.[app]'")
+
+ROOT = Path(__file__).resolve().parents[1]
+SECONDS = 2.0  # the stem length asked for in the page
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def stage_model(tiny_hf, tmp_path_factory):
+    """A tiny random STAGE checkpoint (the tiny MusicGen with its context token, in our layout)."""
+    from stage_min.formats import export_native
+    from stage_min.pipeline import MusicGen
+
+    folder = tmp_path_factory.mktemp("app") / "stage-tiny"
+    export_native(MusicGen.from_pretrained(str(tiny_hf[0]), stage=True), folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(stage_model, tmp_path_factory):
+    """app.py in a subprocess on 127.0.0.1; stopped at the end. Yields its URL."""
+    port = free_port()
+    work = tmp_path_factory.mktemp("app_server")
+    log, tmp = work / "server.log", work / "tmp"
+    tmp.mkdir()  # the server's temporary files (its outputs, gradio's copies) go here, not in /tmp
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "TMPDIR": str(tmp),
+           "GRADIO_TEMP_DIR": str(tmp / "gradio")}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", str(stage_model), "--port", str(port)],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120  # a generous limit for a loaded CI machine, not a timing check
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"app.py exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"app.py did not answer on {url}:\n{log.read_text()}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, log.read_text()
+    assert list(tmp.glob("stage_min_app_*")) == []  # stopped cleanly: its output folder is gone
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright: pip install -e '.[test]'")
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        pytest.skip("the browser test needs Debian's chromium (apt-get install chromium); playwright never downloads one")
+    with sync_api.sync_playwright() as pw:
+        # --no-sandbox: Chromium refuses to run its sandbox as root (CI containers), whose /dev/shm is small
+        chromium = pw.chromium.launch(executable_path=executable, headless=True,
+                                      args=["--no-sandbox", "--disable-dev-shm-usage"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, server):  # (browser first: when it is skipped, no server is started)
+    """A fresh tab on the app; any request that would leave this machine is refused and recorded."""
+    context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 1000})
+    tab = context.new_page()
+    tab.set_default_timeout(30_000)
+    outside = []
+
+    def only_local(route):
+        if route.request.url.startswith(("http://127.0.0.1", "ws://127.0.0.1", "data:", "blob:")):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    tab.route("**/*", only_local)
+    tab.goto(server)
+    tab.locator("#generate").wait_for()
+    yield tab
+    context.close()
+    assert outside == [], f"the page tried to reach other hosts: {outside}"
+
+
+def test_song_to_stem_in_the_browser(page, tmp_path):
+    song = tmp_path / "song.wav"  # 3 s at 44.1 kHz stereo: the app resamples and cuts it to the stem's length
+    t = np.arange(int(3 * 44100)) / 44100
+    tone = 0.3 * np.sin(2 * np.pi * 220 * t) * (np.sin(2 * np.pi * 2 * t) > 0)
+    sf.write(song, np.stack([tone, tone], 1), 44100)
+
+    page.locator("#song input[type=file]").set_input_files(str(song))
+    page.locator("#song audio, #song .waveform-container, #song [data-testid='waveform-Song to accompany']").first.wait_for()
+    seconds = page.locator("#seconds input[type=number]")
+    seconds.fill(str(SECONDS))
+    seconds.press("Enter")
+    page.get_by_text("Sampling").click()  # the accordion with the sampling settings
+    page.locator("#seed input").fill("7")
+    page.locator("#prompt textarea").fill("tight snare")
+    page.locator("#prompt_sent", has_text="Genres: rock, indie. Moods: groovy. tight snare").wait_for()
+    page.locator("#generate").click()
+
+    page.locator("#summary", has_text="Generated").wait_for()
+    summary = page.locator("#summary").inner_text()
+    assert f"Generated {SECONDS:.2f} s of stem over the song" in summary and "seed 7" in summary
+    page.locator("#stem audio").first.wait_for(state="attached")
+    page.locator("#mix audio").first.wait_for(state="attached")
+    page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+
+    links = page.locator("#downloads a[download='stem.wav']")
+    with page.expect_download() as download:
+        links.first.click()
+    stem = tmp_path / "downloaded_stem.wav"
+    download.value.save_as(stem)
+    info = sf.info(str(stem))
+    assert info.samplerate == 32000 and info.channels == 1
+    assert info.frames == round(SECONDS * 32000)
+    audio, _ = sf.read(str(stem))
+    assert np.isfinite(audio).all() and np.abs(audio).max() > 0
+
+
+def test_bad_input_is_a_message_in_the_page(page, tmp_path):
+    page.locator("#generate").click()  # neither a song nor a tempo
+    page.get_by_text("Give a song to accompany (upload one) or a tempo in BPM").first.wait_for()
+
+    page.locator("#bpm input").fill("5000")
+    page.locator("#generate").click()
+    page.get_by_text("The tempo must be between 20 and 400 BPM, got 5000").first.wait_for()
+
+    model = page.locator("#model input")
+    model.fill("weights/no-such-model")
+    model.press("Enter")
+    page.locator("#model_notice", has_text="Model folder weights/no-such-model not found").wait_for()
+    page.locator("#bpm input").fill("120")
+    page.locator("#generate").click()
+    page.get_by_text("Model folder weights/no-such-model not found").nth(1).wait_for()  # the notice, then the message
+    page.screenshot(path=str(tmp_path / "bad_input.png"), full_page=True)
+    assert "Traceback" not in page.content()
+
+
+# ---- the page's logic without a browser -------------------------------------------------------
+def no_progress(*args, **kwargs):
+    pass
+
+
+def test_prompt_helper_builds_the_official_caption_form():
+    from stage_min.app import build_prompt
+
+    assert build_prompt("rock,  indie", "groovy", "") == "Genres: rock, indie. Moods: groovy. "
+    assert build_prompt("", " calm ; relaxed ", " soft brushes ") == "Moods: calm, relaxed. soft brushes"
+    assert build_prompt("", "", "") == ""
+
+
+def test_click_track_generation_writes_stem_and_mix(stage_model):
+    from stage_min import app
+
+    generator = app.Generator()
+    try:
+        stem, mix, files, summary = generator(None, 120, 3, "rock", "", "", str(stage_model), 1.5, 3.0, 250, 1.0, 5,
+                                              progress=no_progress)
+        assert files == [stem, mix] and "click track at 120 BPM, 3 beats per bar" in summary and "seed 5" in summary
+        for path in (stem, mix):
+            info = sf.info(path)
+            assert (info.samplerate, info.frames) == (32000, 48000)
+        again = generator(None, 120, 3, "rock", "", "", str(stage_model), 1.5, 3.0, 250, 1.0, 5, progress=no_progress)
+        np.testing.assert_array_equal(sf.read(stem)[0], sf.read(again[0])[0])  # same seed, same stem
+        assert len(app._models) == 1  # loaded once, reused
+    finally:
+        generator.cleanup()
+    assert not generator.out_dir.exists()  # the server's outputs go when it stops
+
+
+@pytest.mark.parametrize("inputs, message", [
+    (dict(song=None, bpm=0), "Give a song to accompany"),
+    (dict(song="x.wav", bpm=100), "not both"),
+    (dict(bpm=-3), "between 20 and 400 BPM"),
+    (dict(beats_per_bar=0), "Beats per bar"),
+    (dict(seconds=20), "at most 14.98 seconds"),
+    (dict(temperature=0), "temperature must be > 0"),
+    (dict(guidance=0.5), "guidance coefficient must be >= 1"),
+    (dict(seed=-2), "The seed must be"),
+    (dict(model="weights/stage-toy-missing"), "Model folder weights/stage-toy-missing not found"),
+    (dict(song="/no/such/song.wav", bpm=0), "The song cannot be used: no such file"),
+])
+def test_bad_inputs_raise_page_messages(stage_model, inputs, message):
+    from stage_min import app
+
+    args = dict(song=None, bpm=120, beats_per_bar=4, genres="", moods="", prompt="", model=str(stage_model), seconds=1.0,
+                guidance=3.0, top_k=250, temperature=1.0, seed=0) | inputs
+    with pytest.raises(gr.Error) as err:
+        app.Generator()(**args, progress=no_progress)
+    assert message in err.value.message
+
+
+def test_generation_is_queued_one_at_a_time():
+    from stage_min import app
+
+    generator = app.Generator()
+    page = app.build_page(generator, "weights/stage-toy")
+    (event,) = [fn for fn in page.fns.values() if fn.fn is generator]
+    assert event.queue and event.concurrency_limit == 1
+    generator.cleanup()
