@@ -3,6 +3,7 @@
     python sample.py --context song.wav --prompt "funky drums" --out drums.wav --mix-out mix.wav
     python sample.py --bpm 120 --duration 8 --prompt "rock drums" --out drums.wav
     python sample.py --prompt "lofi hip hop beat" --duration 5 --out music.wav
+    python sample.py --model stage-drums.safetensors --context song.wav --genres "Rock, Indie Rock" --moods "energetic" --out drums.wav
 """
 import argparse
 import sys
@@ -10,6 +11,7 @@ import sys
 import numpy as np
 
 from stage_min.audio import AudioError, check_writable, load_audio, save_audio
+from stage_min.captions import stage_caption
 
 SAMPLE_RATE = 32000  # EnCodec 32 kHz, MusicGen's codec
 FRAME_RATE = 50
@@ -24,7 +26,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompt", default="", help="text description of the stem (or of the music)")
+    p.add_argument("--prompt", default="", help="text description of the stem (or of the music), free text")
+    p.add_argument("--genres", help="comma list: builds the official STAGE caption 'Genres: a, b. Moods: x. ' "
+                                    "(Discogs names, e.g. 'Rock, Indie Rock'); instead of --prompt")
+    p.add_argument("--moods", help="comma list for the caption's 'Moods: ...' part (MTG-Jamendo moods, e.g. 'energetic, happy')")
     p.add_argument("--out", required=True, help="output audio file (.wav or .flac)")
     p.add_argument("--context", help="STAGE: audio to accompany (any format soundfile reads)")
     p.add_argument("--bpm", type=float, help="STAGE: accompany a click track at this tempo instead")
@@ -54,6 +59,11 @@ def sampling_config(args):
 def check_options(args):
     """Everything that can be checked without loading a model, so that bad input fails at once."""
     sampling_config(args).check()
+    if args.prompt and (args.genres is not None or args.moods is not None):
+        raise ValueError("give --prompt (free text) or --genres/--moods (the STAGE caption form), not both")
+    if args.genres is not None or args.moods is not None:
+        args.prompt = stage_caption(args.genres, args.moods)
+        print(f"caption: {args.prompt!r}", file=sys.stderr)
     if args.duration is not None and not args.duration > 0:
         raise ValueError(f"--duration must be > 0 seconds, got {args.duration:g}")
     if args.bpm is not None and not args.bpm > 0:
