@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import delay
 from .data import DataConfig, Example
 from .loading import is_native, read_config, save_native, write_atomic
 from .model import LMConfig, MusicGenLM
@@ -41,6 +42,13 @@ class TrainConfig:
     beta2: float = 0.95
     weight_decay: float = 1e-3
     clip: float = 1.0
+    clip_mode: str = "value"  # the original clips each gradient value to [-clip, clip]; "norm": the global norm
+    precision: str = "fp16"  # on CUDA: fp16 autocast + GradScaler (the original's), bf16 autocast, or fp32; CPU: fp32
+    decay_all: bool = True  # weight decay on every parameter (the original); False: not on biases and norms
+    valid_steps_only: bool = True  # loss without the last k frames of codebook k (keep_only_valid_steps)
+    zero_special_row: bool = True  # the start/gap token's embedding zero and frozen (padding_idx), new LMs
+    attend_start_step: bool = False  # the all-special start step is masked, new LMs
+    separator_init: str = "kaiming"  # the new separator row: Kaiming normal (the original) or "mean" of the code rows
     p_text_drop: float = 0.5  # whole prompt dropped -> null condition
     p_context_drop: float = 0.1  # whole context removed (build_sequence's drop_context)
     p_word_drop: float = 0.3  # T5 word dropout: each word of a kept prompt removed (MusicGen's and STAGE's 0.3)
@@ -68,6 +76,9 @@ class TrainConfig:
             raise UsageError("--beta1 and --beta2 must be in [0, 1)")
         if self.weight_decay < 0 or not self.clip > 0:
             raise UsageError("--weight-decay must be >= 0 and --clip > 0")
+        for name, choices in (("clip_mode", CLIP_MODES), ("precision", PRECISIONS), ("separator_init", SEPARATOR_INITS)):
+            if getattr(self, name) not in choices:
+                raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         for name in ("p_text_drop", "p_context_drop", "p_word_drop"):
             if not 0 <= getattr(self, name) <= 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name):g}")
@@ -88,8 +99,12 @@ class TrainConfig:
 
     def to_json(self) -> dict:
         d = asdict(self)
-        d["data_cfg"]["exclude"] = list(d["data_cfg"]["exclude"])
+        for k in ("exclude", "context_stems"):
+            d["data_cfg"][k] = list(d["data_cfg"][k]) if d["data_cfg"][k] is not None else None
         return d
+
+
+CLIP_MODES, PRECISIONS, SEPARATOR_INITS = ("value", "norm"), ("fp16", "bf16", "fp32"), ("kaiming", "mean")
 
 
 # ---- model --------------------------------------------------------------------------------------
@@ -112,20 +127,39 @@ def init_weights(lm: MusicGenLM, std: float = 0.02):
 
 
 def build_model(cfg: TrainConfig):
-    """-> (MusicGen pipeline with a STAGE LM, base string to record in checkpoints)."""
+    """-> (MusicGen pipeline with a STAGE LM, base string to record in checkpoints). The new LM is
+    set up as the original's (REFERENCE.md 8.7) unless the config says otherwise: special row zeroed
+    and frozen, start step masked, separator row Kaiming-normal."""
     from .pipeline import MusicGen
 
     torch.manual_seed(cfg.seed)
     base = str(Path(cfg.base).resolve()) if Path(cfg.base).expanduser().is_dir() else cfg.base
     if cfg.preset == "small":  # the base's LM weights, with the context token appended
-        return MusicGen.from_pretrained(base, stage=True), base
-    text_encoder, codec = load_base(base)
-    overrides = {k: v for k, v in (("dim", cfg.dim), ("n_layers", cfg.layers), ("n_heads", cfg.heads)) if v}
-    lm_cfg = LMConfig.preset("tiny", text_dim=text_encoder.dim, n_special=2, card=codec.card,
-                             n_codebooks=codec.n_codebooks, **overrides)
+        model = MusicGen.from_pretrained(base, stage=True)
+        lm_cfg, state = model.lm.cfg, model.lm.state_dict()
+    else:
+        text_encoder, codec = load_base(base)
+        overrides = {k: v for k, v in (("dim", cfg.dim), ("n_layers", cfg.layers), ("n_heads", cfg.heads)) if v}
+        lm_cfg = LMConfig.preset("tiny", text_dim=text_encoder.dim, n_special=2, card=codec.card,
+                                 n_codebooks=codec.n_codebooks, **overrides)
+        lm = MusicGenLM(lm_cfg)
+        init_weights(lm)
+        model, state = MusicGen(lm, text_encoder, codec).eval(), lm.state_dict()
+    lm_cfg = replace(lm_cfg, zero_special_row=cfg.zero_special_row, attend_start_step=cfg.attend_start_step)
+    state = dict(state)
+    for k in range(lm_cfg.n_codebooks):
+        table = state[f"embed.{k}.weight"].clone()
+        if cfg.separator_init == "kaiming":  # as the original: a fresh row, nn.init.kaiming_normal_ on (1, dim)
+            nn.init.kaiming_normal_(table[lm_cfg.context_id:lm_cfg.context_id + 1])
+        else:
+            table[lm_cfg.context_id] = table[:lm_cfg.card].mean(0)
+        if lm_cfg.zero_special_row:
+            table[lm_cfg.special_id] = 0
+        state[f"embed.{k}.weight"] = table
     lm = MusicGenLM(lm_cfg)
-    init_weights(lm)
-    return MusicGen(lm, text_encoder, codec).eval(), base
+    lm.load_state_dict(state)
+    model.lm = lm
+    return model.eval(), base
 
 
 def freeze_for_training(model):
@@ -156,9 +190,9 @@ class StopFlag:
 
 
 def make_optimizer(lm: MusicGenLM, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
-    # No decay for norms and biases (1-D tensors), as is usual for transformers.
-    decay = [p for p in lm.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in lm.parameters() if p.requires_grad and p.dim() < 2]
+    # The original decays every parameter; decay_all=False spares norms and biases (1-D tensors), GPT-style.
+    decay = [p for p in lm.parameters() if p.requires_grad and (cfg.decay_all or p.dim() >= 2)]
+    no_decay = [p for p in lm.parameters() if p.requires_grad and not (cfg.decay_all or p.dim() >= 2)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
 
@@ -188,10 +222,19 @@ def text_inputs(text_encoder, captions: list, drop: list, device, dtype=torch.fl
     return states.to(device, dtype), mask.to(device)
 
 
+@torch.no_grad()
+def encode_targets(codec, audios: list, device) -> torch.Tensor:
+    """Target windows (equal lengths, whole frames) -> codes (B, K, T). Each window is encoded by
+    itself, as in the original and at inference (EnCodec's LSTM sees only the window, not the song
+    before it); equal lengths need no padding, so the rows go through as one batch."""
+    x = torch.from_numpy(np.stack(audios)).to(device)[:, None]
+    return codec.encode(x)[..., : audios[0].shape[0] // codec.hop].long()
+
+
 def make_batch(model, examples: list[Example], drop_text: list, drop_context: list, device) -> dict:
     lm_cfg = model.lm.cfg
     context, lengths = encode_contexts(model.codec, [e.context for e in examples], lm_cfg.special_id, device)
-    target = torch.stack([e.codes for e in examples]).to(device)
+    target = encode_targets(model.codec, [e.target for e in examples], device)
     seq = build_sequence(context, target, target.shape[-1], lm_cfg.special_id, lm_cfg.context_id, lengths,
                          torch.tensor(drop_context, device=device))
     states, mask = text_inputs(model.text_encoder, [e.caption for e in examples], drop_text, device)
@@ -221,11 +264,21 @@ def draw_examples(windows, cfg: TrainConfig, step: int, micro: int, indices) -> 
 
 
 # ---- loss ---------------------------------------------------------------------------------------
-def target_loss(logits: torch.Tensor, grid: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on target-frame tokens only, averaged per codebook, then over codebooks.
-    logits[:, :, s-1] predict grid[:, :, s]."""
+def valid_steps(target: torch.Tensor) -> torch.Tensor:
+    """The target mask without the last k frames of codebook k: the original's keep_only_valid_steps,
+    which cuts the delayed sequence where the last frame of codebook 0 is, so that those tokens are
+    never predicted. target (B, K, S) over a grid of S = frames + K steps."""
+    B, K, S = target.shape
+    frame = delay.frame_index(K, S, target.device)
+    k = torch.arange(K, device=target.device)[:, None]
+    return target & (frame < (S - K) - k)
+
+
+def target_loss(logits: torch.Tensor, grid: torch.Tensor, target: torch.Tensor, valid_only: bool = True) -> torch.Tensor:
+    """Cross-entropy on target-frame tokens only (valid steps only, by default), averaged per
+    codebook, then over codebooks. logits[:, :, s-1] predict grid[:, :, s]."""
     B, K, S, card = logits.shape
-    mask = target[:, :, 1:]
+    mask = (valid_steps(target) if valid_only else target)[:, :, 1:]
     lg = logits[:, :, :-1][mask].float()  # (N, card)
     y = grid[:, :, 1:][mask]
     k = torch.arange(K, device=grid.device)[None, :, None].expand(B, K, S - 1)[mask]
@@ -238,23 +291,23 @@ class StageLoss(nn.Module):
     """The LM with its loss, as one module, so that DistributedDataParallel sees the text
     projection and the decoder used in one forward."""
 
-    def __init__(self, lm: MusicGenLM):
+    def __init__(self, lm: MusicGenLM, valid_only: bool = True):
         super().__init__()
-        self.lm = lm
+        self.lm, self.valid_only = lm, valid_only
 
     def forward(self, grid, keep, target, states, mask):
         text = self.lm.project_text(states, mask)
         logits = self.lm(grid, text, mask, keep)
-        return target_loss(logits, grid, target)
+        return target_loss(logits, grid, target, self.valid_only)
 
 
 @torch.no_grad()
-def evaluate(lm: MusicGenLM, batches: list[dict], autocast) -> dict:
+def evaluate(lm: MusicGenLM, batches: list[dict], autocast, valid_only: bool = True) -> dict:
     """Target-frame loss on held-out windows, with the real context and with the context dropped:
     the gap between the two is what the context is worth to the model."""
     was_training = lm.training
     lm.eval()
-    loss_fn = StageLoss(lm)
+    loss_fn = StageLoss(lm, valid_only)
     totals = {"val_loss": 0.0, "val_loss_nocontext": 0.0}
     lm_cfg = lm.cfg
     n_windows = 0
@@ -286,11 +339,13 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out: Path, lm: MusicGenLM, base: str, step: int, cfg: TrainConfig, optimizer):
+def save_checkpoint(out: Path, lm: MusicGenLM, base: str, step: int, cfg: TrainConfig, optimizer, scaler=None):
     """The run folder is the checkpoint: config.json + model.safetensors (loadable by
     MusicGen.from_pretrained) and train_state.pt for resuming. Each file is written atomically;
     both carry the step, so a crash between the two writes is detected on resume."""
     state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "identity": cfg.identity()}
+    if scaler is not None and scaler.is_enabled():  # fp16: the loss scale it has settled on
+        state["scaler"] = scaler.state_dict()
     write_atomic(out / STATE_FILE, lambda p: torch.save(state, p))
     save_native(out, lm.state_dict(), lm.cfg, base, extra={"step": step, "train": cfg.to_json()})
 
