@@ -3,6 +3,8 @@
     python bench.py --config tiny
     python bench.py --config small --steps 64
     python bench.py --config small --dtype bfloat16
+    python bench.py --mode song --config tiny           # a 60 s song: seconds of stem per wall second
+    python bench.py --mode song-f1 --model runs/drums   # beat F1: 60 s windowed vs the first 10 s alone
 
 One set of random weights is built in a transformers `MusicgenForConditionalGeneration` and mapped
 into ours with `stage_min.loading` (the same remapping `MusicGen.from_pretrained` uses). Both then
@@ -11,6 +13,13 @@ runs one forward more than ours, its first two without a cache). Timed: the text
 encoder (a one-layer T5 of t5-base width, the same module for both), the cross-attention set-up,
 the prefill and the decode loop; not timed: the codec (transformers' audio decode is stubbed out).
 Prints one JSON line per run.
+
+--mode song: a STAGE model of the preset's shape (random weights, the same small codec and one-layer
+T5 as above: the real codec decodes more slowly) accompanies a 60 s synthetic song with songs.py's
+defaults (10 s windows, 5 s overlap, guidance 3, top-k 250); timed: the whole call, decode included.
+--mode song-f1: a trained drums model on synthetic songs (stage_min.synth, bass + chords as the
+context): beat F1 (mir_eval, 70 ms) of the drums made for the whole 60 s, window by window, against
+the F1 of drums made for the first 10 s alone. Windowing should cost at most 0.05 of F1.
 """
 import argparse
 import json
@@ -93,8 +102,74 @@ def time_best(fn, repeats: int, device) -> float:
     return best
 
 
+def stage_model_of_shape(preset: LMConfig, device, dtype):
+    """A random STAGE MusicGen of the preset's LM shape, through a saved transformers folder."""
+    import tempfile
+
+    from stage_min.pipeline import MusicGen
+    from stage_min.tiny import train_spiece
+
+    with tempfile.TemporaryDirectory() as folder:
+        hf_model(preset).save_pretrained(folder)
+        train_spiece(f"{folder}/spiece.model")
+        return MusicGen.from_pretrained(folder, device=device, dtype=dtype, stage=True)
+
+
+def synthetic_song(seconds: float, seed: int):
+    """(context: bass + chords, beat times) of a stage_min.synth song."""
+    import numpy as np
+
+    from stage_min.synth import make_song
+
+    song = make_song(np.random.default_rng(seed), seconds)
+    return song["bass"] + song["chords"], np.array([t for t, _ in song["beats"]])
+
+
+def bench_song(args, device, dtype):
+    from stage_min.songs import accompany_song
+
+    model = stage_model_of_shape(LMConfig.preset(args.config), device, dtype)
+    context, _ = synthetic_song(args.seconds, 0)
+    accompany_song(model, context[:32000], "drums", window_s=1, overlap_s=0.5)  # warm-up: first-call paths
+    best = time_best(lambda: accompany_song(model, context, "drums", seed=0), args.repeats, device)
+    print(json.dumps({"mode": "song", "config": args.config, "dtype": args.dtype, "device": str(device),
+                      "threads": torch.get_num_threads(), "song_s": args.seconds, "wall_s": round(best, 2),
+                      "stem_s_per_wall_s": round(args.seconds / best, 3), "wall_s_per_song_minute": round(60 * best / args.seconds, 1)}),
+          flush=True)
+
+
+def bench_song_f1(args, device, dtype):
+    import mir_eval
+    import numpy as np
+
+    from stage_min.evaluation import track_beats  # beat times only
+    from stage_min.pipeline import MusicGen
+    from stage_min.songs import accompany_song
+
+    model = MusicGen.from_pretrained(args.model, device=device, dtype=dtype, stage=True)
+
+    def f1(context, beats, seconds):
+        stem, _ = accompany_song(model, context[:int(seconds * 32000)], args.prompt, seed=0)
+        found = track_beats(stem.numpy(), 32000)
+        return mir_eval.beat.f_measure(beats[beats < seconds], found, f_measure_threshold=0.07)
+
+    whole, first = [], []
+    for seed in range(args.songs):
+        context, beats = synthetic_song(args.seconds, 1000 + seed)
+        whole.append(f1(context, beats, args.seconds))
+        first.append(f1(context, beats, 10.0))
+    print(json.dumps({"mode": "song-f1", "model": args.model, "songs": args.songs, "song_s": args.seconds,
+                      "f1_whole": round(float(np.mean(whole)), 3), "f1_first_10s": round(float(np.mean(first)), 3),
+                      "within_0.05": bool(abs(np.mean(whole) - np.mean(first)) <= 0.05)}), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", default="decode", choices=["decode", "song", "song-f1"])
+    p.add_argument("--seconds", type=float, default=60.0, help="song modes: the song's length")
+    p.add_argument("--model", help="song-f1: a trained STAGE drums model")
+    p.add_argument("--prompt", default="", help="song-f1: the prompt")
+    p.add_argument("--songs", type=int, default=4, help="song-f1: synthetic songs averaged")
     p.add_argument("--config", default="tiny", choices=["tiny", "small", "medium", "large"])
     p.add_argument("--steps", type=int, default=0, help="LM forward steps (0: 256 for tiny, 64 otherwise)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -107,6 +182,12 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.mode == "song":
+        return bench_song(args, device, dtype)
+    if args.mode == "song-f1":
+        if not args.model:
+            raise SystemExit("--mode song-f1 needs --model (a trained STAGE drums model)")
+        return bench_song_f1(args, device, dtype)
     steps = args.steps or (256 if args.config == "tiny" else 64)
     preset = LMConfig.preset(args.config)
     if steps < preset.n_codebooks:

@@ -8,14 +8,13 @@ The run folder is the checkpoint: `python sample.py --model runs/drums ...` load
 """
 import argparse
 import contextlib
-import dataclasses
 import datetime
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -136,10 +135,7 @@ def train(cfg: T.TrainConfig, resume: bool):
     cfg.check()
     rank, world, local_rank = T.distributed_env()
     master = rank == 0
-    try:
-        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise T.UsageError(f"--device must be cpu, cuda or cuda:N, got {cfg.device!r}") from None
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))  # its form: cfg.check()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise T.UsageError("--device cuda asked for, but no CUDA device is available")
     if world > 1:
@@ -158,6 +154,8 @@ def train(cfg: T.TrainConfig, resume: bool):
         state = T.check_resumable(out, cfg)
     elif T.has_checkpoint(out):
         raise T.UsageError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    if master and out.is_dir():
+        T.remove_stale(out)  # temporaries of a save that was killed
     songs = D.find_songs(cfg.data)  # before the (slow) model load: a bad --data fails fast
     cfg.data_cfg.check_stem_names(songs)
     if any(s.beats_file is None for s in songs):
@@ -171,6 +169,9 @@ def train(cfg: T.TrainConfig, resume: bool):
         if not os.access(folder, os.W_OK):
             raise T.UsageError(f"{flag} {folder} is not writable")
     train_songs, val_songs = D.split_songs(songs, cfg.data_cfg.val_fraction, cfg.seed)
+    if not train_songs:
+        raise T.UsageError(f"--val-fraction {cfg.data_cfg.val_fraction:g} holds out all {len(songs)} songs: none is left "
+                           "to train on; lower it")
 
     # ---- model, optimizer --------------------------------------------------------------------
     if resume:
@@ -218,12 +219,14 @@ def train(cfg: T.TrainConfig, resume: bool):
     train_data, val_data = prepare(train_songs), prepare(val_songs)
     if world > 1 and master:
         dist.barrier()
-    windows = D.StemWindows(train_data, cfg.data_cfg, codec.frame_rate, codec.sample_rate, stats)
-    val_cfg = dataclasses.replace(cfg.data_cfg, augment=False)  # held-out windows as the songs are
-    val_windows = D.StemWindows(val_data, val_cfg, codec.frame_rate, codec.sample_rate, stats) if val_data else None
+    try:
+        windows = D.StemWindows(train_data, cfg.data_cfg, codec.frame_rate, codec.sample_rate, stats)
+    except D.DataError as e:
+        held = f" ({len(val_songs)} of {len(songs)} songs are held out by --val-fraction {cfg.data_cfg.val_fraction:g})" if val_songs else ""
+        raise D.DataError(f"no training songs left: {e}{held}") from None
     eval_batches = []
-    if val_windows is not None and master:  # fixed held-out windows, encoded once
-        ex = [val_windows.draw(np.random.default_rng([cfg.seed, 2**31, i])) for i in range(cfg.eval_windows)]
+    if master:  # fixed held-out windows, encoded once
+        ex = T.validation_windows(val_songs, val_data, cfg, codec, stats)
         for i in range(0, len(ex), micro_bs):
             chunk = ex[i:i + micro_bs]
             eval_batches.append(T.make_batch(model, chunk, [False] * len(chunk), [False] * len(chunk), device))
@@ -263,10 +266,13 @@ def train(cfg: T.TrainConfig, resume: bool):
                 dist.all_reduce(total)
                 loss_sum = total.item() / world
             scaler.unscale_(optimizer)  # clip the true gradients (a no-op without fp16)
-            if cfg.clip_mode == "value":
-                torch.nn.utils.clip_grad_value_(lm.parameters(), cfg.clip)
-            else:
-                torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.clip)
+            grad_norm = T.clip_gradients(lm, cfg)
+            # fp16: an overflow in the gradients is the scaler's to handle (it skips the step and lowers
+            # the scale); a non-finite loss, or gradients without a scaler, mean divergence
+            if not math.isfinite(loss_sum) or not (scaler.is_enabled() or bool(torch.isfinite(grad_norm))):
+                raise T.Diverged(f"step {step + 1}: the loss ({loss_sum:g}) or the gradient norm ({float(grad_norm):g}) "
+                                 f"is not finite; stopped without saving: the last checkpoint in {out} is kept "
+                                 "(try a lower --lr)")  # same on every rank: all stop
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -291,6 +297,10 @@ def train(cfg: T.TrainConfig, resume: bool):
         if master:
             print(f"interrupted: checkpoint at step {step} in {out}; continue with --resume", file=sys.stderr)
         sys.exit(130)
+    except BaseException:  # e.g. T.Diverged: the error line goes below the bar, the Ctrl-C handler is restored
+        stop.restore()
+        bar.close()
+        raise
     bar.close()
     if world > 1:
         dist.barrier()
@@ -303,7 +313,7 @@ def main(argv=None):
     cfg, resume = parse_args(argv)
     try:
         train(cfg, resume)
-    except (T.UsageError, D.DataError, LoadError, AudioError, ValueError) as e:
+    except (T.UsageError, T.Diverged, D.DataError, LoadError, AudioError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

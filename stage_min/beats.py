@@ -1,11 +1,12 @@
-"""Beats and downbeats for songs without beats.txt (metronome training pairs need both).
+"""Beats and downbeats: the one beat tracker of training data (songs without beats.txt) and evaluation.
 
 Two trackers:
-- "librosa" (default, offline): librosa's dynamic-programming beat tracker (Ellis 2007). It gives
-  no downbeats, so the bar phase is chosen by a rule: in 4/4, of the four ways to take every 4th
-  beat, the one whose beats are followed by the most low-frequency energy (the kick and the bass
-  tend to open a bar). How often this is right on synthetic songs, whose downbeats are known:
-  `python -m stage_min.beats DATA` (README, "Fine-tuning").
+- "librosa" (default, offline): librosa's dynamic-programming beat tracker (Ellis 2007) with the
+  settings evaluation tuned on click tracks (256-sample hop, untrimmed, a silent tail; see
+  `beat_times`). It gives no downbeats, so the bar phase is chosen by a rule: in 4/4, of the four
+  ways to take every 4th beat, the one whose beats are followed by the most low-frequency energy
+  (the kick and the bass tend to open a bar). How often this is right on synthetic songs, whose
+  downbeats are known: `python -m stage_min.beats DATA` (README, "Fine-tuning").
 - "beat_this": the Beat This! tracker (Foscarin et al., ISMIR 2024), which the original STAGE's
   `beatthis.npz` files suggest it used: beats and downbeats from one network. An optional extra
   (`pip install beat-this`); its checkpoint is downloaded on first use, so it needs the network once.
@@ -17,8 +18,13 @@ import numpy as np
 import soxr
 
 TRACKERS = ("librosa", "beat_this")
+TRACK_RATE = 22050  # librosa's beat tracker works at this rate...
+TRACK_HOP = 256  # ...with 11.6 ms frames: 512 lags clicks by ~25 ms and halves the tempo at 179 BPM
+TRACK_TAIL = 0.5  # seconds of silence appended before tracking
 BEATS_PER_BAR = 4
 LOW_HZ = 150.0  # "low frequency": the mel bands up to here (kick drum, bass)
+# in data.py's cache key of songs with tracked beats: a change of settings re-tracks them
+TRACKER_ID = f"librosa-{TRACK_RATE}-hop{TRACK_HOP}-tail{TRACK_TAIL}-untrimmed-phase{LOW_HZ:g}"
 _beat_this = {}  # device -> loaded model: loaded once per process
 
 
@@ -54,33 +60,67 @@ def downbeat_phase(y: np.ndarray, sr: int, beats: np.ndarray, beats_per_bar: int
     return int(np.argmax(scores))
 
 
+def _librosa_beats(y: np.ndarray) -> np.ndarray:
+    """Beat times (s) of mono audio at TRACK_RATE: untrimmed (the first beat of a short clip is often
+    weak, and trimming drops it), over the audio followed by TRACK_TAIL of silence (without it the
+    tracker puts a beat on the last frame), beats in that tail dropped."""
+    import librosa  # slow to import: only when beats are tracked
+
+    padded = np.pad(y, (0, int(TRACK_TAIL * TRACK_RATE)))
+    _, beats = librosa.beat.beat_track(y=padded, sr=TRACK_RATE, hop_length=TRACK_HOP, trim=False, units="time")
+    beats = np.asarray(beats, dtype=np.float64)
+    return beats[beats < len(y) / TRACK_RATE]
+
+
+def _beat_this_model(device: str | None):
+    """Beat This! (final0 checkpoint, no DBN, as its authors advise), loaded once per device."""
+    check_tracker("beat_this")
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in _beat_this:
+        from beat_this.inference import Audio2Beats
+
+        try:
+            _beat_this[device] = Audio2Beats(checkpoint_path="final0", device=device, dbn=False)
+        except Exception as e:  # its weights are downloaded on first use
+            raise ValueError(f"beat_this could not load its weights ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    return _beat_this[device]
+
+
+def beat_times(audio: np.ndarray, sample_rate: int, tracker: str = "librosa", device: str | None = None) -> np.ndarray:
+    """Beat times (s) of mono audio, without downbeats (evaluation's use)."""
+    check_tracker(tracker)
+    audio = np.asarray(audio, dtype=np.float32)
+    if tracker == "beat_this":
+        beats, _ = _beat_this_model(device)(audio, sample_rate)
+        return np.asarray(beats, dtype=np.float64)
+    return _librosa_beats(soxr.resample(audio, sample_rate, TRACK_RATE).astype(np.float32))
+
+
 def track_librosa(mixture: np.ndarray, sample_rate: int) -> tuple[np.ndarray, np.ndarray]:
     """(beat times (N,) s, downbeat flags (N,)) with librosa's beat tracker and the phase rule."""
-    import librosa  # slow to import: only for songs without beats.txt
-
-    y = soxr.resample(mixture, sample_rate, 22050).astype(np.float32)
-    _, beats = librosa.beat.beat_track(y=y, sr=22050, units="time")
-    beats = np.asarray(beats, dtype=np.float64)
-    phase = downbeat_phase(y, 22050, beats)
+    y = soxr.resample(np.asarray(mixture, dtype=np.float32), sample_rate, TRACK_RATE).astype(np.float32)
+    beats = _librosa_beats(y)
+    phase = downbeat_phase(y, TRACK_RATE, beats)
     return beats, (np.arange(len(beats)) - phase) % BEATS_PER_BAR == 0
 
 
-def track_beat_this(mixture: np.ndarray, sample_rate: int, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """(beat times, downbeat flags) from Beat This! (final0 checkpoint, no DBN, as its authors advise)."""
-    check_tracker("beat_this")
-    from beat_this.inference import Audio2Beats
-
-    if device not in _beat_this:
-        _beat_this[device] = Audio2Beats(checkpoint_path="final0", device=device, dbn=False)
-    beats, downbeats = _beat_this[device](mixture, sample_rate)
+def track_beat_this(mixture: np.ndarray, sample_rate: int, device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(beat times, downbeat flags) from Beat This!."""
+    beats, downbeats = _beat_this_model(device)(np.asarray(mixture, dtype=np.float32), sample_rate)
     beats = np.asarray(beats, dtype=np.float64)
     down = np.zeros(len(beats), dtype=bool)
-    if len(beats):  # Beat This! reports downbeats among its beats: flag the nearest beat of each
+    if len(beats) and len(downbeats):  # Beat This! reports downbeats among its beats: flag the nearest beat of each
         down[np.abs(beats[None, :] - np.asarray(downbeats, dtype=np.float64)[:, None]).argmin(-1)] = True
     return beats, down
 
 
-def track(name: str, mixture: np.ndarray, sample_rate: int, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def track(name: str, mixture: np.ndarray, sample_rate: int, device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(beat times, downbeat flags) of a mixture with the named tracker."""
+    check_tracker(name)
     return track_beat_this(mixture, sample_rate, device) if name == "beat_this" else track_librosa(mixture, sample_rate)
 
 
@@ -92,8 +132,8 @@ def phase_accuracy(songs: list[tuple[np.ndarray, int, np.ndarray, np.ndarray]], 
     when most matched tracked downbeats are annotated downbeats and at least one matched)."""
     rule = tracked = 0
     for mix, sr, times, down in songs:
-        y = soxr.resample(mix, sr, 22050).astype(np.float32)
-        rule += downbeat_phase(y, 22050, times) == int(np.argmax(down))
+        y = soxr.resample(mix, sr, TRACK_RATE).astype(np.float32)
+        rule += downbeat_phase(y, TRACK_RATE, times) == int(np.argmax(down))
         beats, flags = track_librosa(mix, sr)
         hits = []
         for t in beats[flags]:

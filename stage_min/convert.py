@@ -32,9 +32,12 @@ def main(argv=None) -> int:
         check_new_folder(args.dst)
         model = MusicGen.from_pretrained(args.src, t5=args.t5)
         (export_native if args.to == "native" else export_hf)(model, args.dst)
-    except (LoadError, OSError) as e:
+    except (LoadError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     print(f"{model.layout} -> {args.to}: {args.dst}")
     return 0
 

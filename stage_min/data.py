@@ -19,6 +19,7 @@ common `.beats` annotation format). Lines starting with # are comments. Without 
 """
 import hashlib
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch
 
 from . import augment
 from .audio import AudioError, load_audio
-from .beats import TRACKERS, track
+from .beats import TRACKER_ID, TRACKERS, track  # one beat tracker for training data and evaluation
 from .metronome import click_track
 
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff"}
@@ -42,7 +43,9 @@ MOISESDB_STEMS = {"vocals", "bass", "drums", "guitar", "other_keys", "piano", "p
 # The original's context stems (REFERENCE.md 8.8): percussion, wind, other_plucked and vocals never
 # appear in a context, so that e.g. percussion never leaks into a drums context
 STAGE_CONTEXT_STEMS = ("drums", "bass", "guitar", "other_keys", "piano", "bowed_strings", "other")
-CACHE_VERSION = 2
+# 2: no numpy arrays in the file, so that it loads with weights_only=True; 3: no codes (targets are
+# encoded per window), peaks of the whole song and downbeats
+CACHE_VERSION = 3
 
 
 class DataError(Exception):
@@ -73,8 +76,13 @@ class DataConfig:
     def check(self):
         if not self.target:
             raise ValueError("--target is empty")
+        for name in ("target_seconds", "context_min", "context_max", "context_step", "silence"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name):g}")
         if not self.target_seconds > 0:
             raise ValueError(f"--target-seconds must be > 0, got {self.target_seconds:g}")
+        if not 0 <= self.silence < 1:
+            raise ValueError(f"--silence must be in [0, 1) (a peak level), got {self.silence:g}")
         if not 0 < self.context_min <= self.context_max <= self.target_seconds:
             raise ValueError(f"need 0 < --context-min <= --context-max <= --target-seconds, got "
                              f"{self.context_min:g}, {self.context_max:g}, {self.target_seconds:g}")
@@ -207,7 +215,7 @@ def format_beats(times, positions) -> str:
 
 
 def track_beats(mixture: np.ndarray, sample_rate: int, tracker: str = "librosa", device="cpu") -> tuple[np.ndarray, np.ndarray]:
-    """(beat times (N,) s, downbeat flags (N,)) of a mixture (stage_min.beats)."""
+    """(beat times (N,) s, downbeat flags (N,)) of a mixture (stage_min.beats, which evaluation uses too)."""
     return track(tracker, mixture, sample_rate, str(device))
 
 
@@ -279,17 +287,21 @@ def prepare_song(song: Song, cfg: DataConfig, codec, device, cache_dir: Path, st
             usable[stem] = files
         except OSError as e:
             stats.warn_file(f"{song.name}/{stem}: {e}")
-    # how beats are found is part of the key: a cache made with beats.txt holds no tracked beats
+    # how beats are found is part of the key: a cache made with beats.txt holds no tracked beats,
+    # and tracked beats are redone when the tracker or its settings change
     tracker = None if song.beats_file is not None else cfg.beat_tracker
-    key_src = json.dumps([CACHE_VERSION, sr, hop, tracker, {s: file_key(f) for s, f in sorted(usable.items())}])
+    tracker_id = None if tracker is None else TRACKER_ID if tracker == "librosa" else tracker
+    key_src = json.dumps([CACHE_VERSION, sr, hop, tracker_id, {s: file_key(f) for s, f in sorted(usable.items())}])
     key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
     path = cache_dir / f"{song.name}.{key}.pt"
     cached = None
     if path.exists():
-        try:
-            cached = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
-            cached = None  # a broken cache file is just recomputed
+        from .loading import LoadError, safe_torch_load
+
+        try:  # weights_only: a cache file planted in the data folder cannot run code
+            cached = safe_torch_load(path)
+        except LoadError:
+            cached = None  # a broken (or unsafe) cache file is just recomputed
     if cached is None:
         cached = _song_summary(song, usable, sr, hop, tracker, device, stats)
         from .loading import write_atomic

@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .loading import (LoadError, gather, is_native, name_first, lm_config_from_hf, lm_config_from_native, lm_state_from_hf, lm_state_to_hf, with_default_mode,
-                      read_config, read_state_dict, resolve_model_dir, submodule_state)
+                      read_config, read_state_dict, resolve_model_dir, safe_torch_load, submodule_state)
 from .model import LMConfig
 
 DEFAULT_T5 = "google-t5/t5-base"  # MusicGen's and STAGE's text encoder
@@ -53,40 +53,32 @@ def _file_kind(path: Path) -> str:
     try:
         with open(path, "rb") as f:
             head = f.read(9)
-    except OSError:
-        return ""
+    except OSError as e:
+        raise LoadError(f"cannot read {path} ({e.strerror or type(e).__name__})") from None
     if head[:4] == b"PK\x03\x04":
         return "torch-zip"
     if head[:1] == b"\x80":  # pickle protocol 2+ opcode
         return "pickle"
-    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 2**30:
+    if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 2**31:
         return "safetensors"
     return ""
 
 
 def read_weights_file(path: Path, kind: str | None = None) -> dict:
     """A state dict from a safetensors file or a pickled (torch.save) one, whatever the suffix. A
-    Lightning-style {"state_dict": {...}, ...} wrapper is unwrapped. Pickles are read with
-    torch.load(weights_only=True): one that holds anything but tensors and plain containers is refused."""
+    Lightning-style {"state_dict": {...}, ...} wrapper is unwrapped. Pickles go through
+    loading.safe_torch_load (weights_only): one that holds anything but tensors and plain
+    containers is refused."""
     kind = kind or _file_kind(path)
     if kind == "safetensors":
         try:
             return load_file(str(path))
         except Exception as e:
-            raise LoadError(f"cannot read {path}: {type(e).__name__}") from None
+            raise LoadError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     if kind not in ("torch-zip", "pickle"):
         raise LoadError(f"{path} is neither a safetensors file nor a torch.save file")
-    # mmap (zip format only): a 1-2 GB checkpoint is not copied into memory to look at it. A path
-    # ending in .safetensors is opened by us: torch.load would hand it to safetensors by its suffix.
-    try:
-        if kind == "torch-zip" and path.suffix != ".safetensors":
-            pkg = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        else:
-            with open(path, "rb") as f:
-                pkg = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise LoadError(f"cannot read {path} safely (torch.load with weights_only=True: {type(e).__name__}: {first[:150]})") from None
+    # mmap (zip format only): a 1-2 GB checkpoint is not copied into memory to look at it
+    pkg = safe_torch_load(path, mmap=kind == "torch-zip")
     if isinstance(pkg, dict) and isinstance(pkg.get("state_dict"), dict):  # Lightning checkpoint
         pkg = pkg["state_dict"]
     if not isinstance(pkg, dict) or not all(isinstance(v, torch.Tensor) for v in pkg.values()):
@@ -100,8 +92,8 @@ def _is_stage_file(path: Path) -> bool:
         try:
             with safe_open(str(path), framework="pt") as f:
                 return any(k.startswith("lm.decoder.") for k in f.keys())
-        except Exception:
-            return False
+        except Exception as e:  # a header that promises safetensors, then a damaged file
+            raise LoadError(f"{path}: a damaged safetensors file (truncated?): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if kind:  # a pickle that cannot be read safely says so (LoadError) rather than "not a STAGE file"
         return any(k.startswith("lm.decoder.") for k in read_weights_file(path, kind))
     return False
@@ -176,9 +168,13 @@ def _read_native(folder: Path, t5) -> Checkpoint:
     if bundled and ("text_encoder" not in config or "audio_encoder" not in config):
         raise LoadError(f"{folder} holds text encoder / codec weights but config.json lacks their sections")
     if not bundled:  # T5 + EnCodec come from the base model
-        if not config.get("base"):
+        base = config.get("base")
+        if not base or not isinstance(base, str):
             raise LoadError(f"{folder}/config.json names no base model for the text encoder and codec")
-        folder = resolve_model_dir(config["base"])
+        if Path(base).is_absolute() and not Path(base).exists():
+            raise LoadError(f"{folder}/config.json takes its text encoder and codec from {base}, which no longer exists; "
+                            "put that base model back there (or convert the run to a self-contained folder while it exists)")
+        folder = resolve_model_dir(base)
         config, state = read_config(folder), read_state_dict(folder)
     return Checkpoint("native", cfg, lm_state, config, state, folder)
 
@@ -203,11 +199,7 @@ def _read_t5(t5: str | None, weights: bool = True) -> tuple[dict, dict, Path]:
 def _read_pkg(path: Path) -> dict:
     if not path.exists():
         raise LoadError(f"{path} is missing (the audiocraft layout needs state_dict.bin and compression_state_dict.bin)")
-    try:  # weights_only: never run pickled code from a downloaded file
-        pkg = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise LoadError(f"cannot read {path} safely ({type(e).__name__}: {first[:150]})") from None
+    pkg = safe_torch_load(path)  # weights_only: never run pickled code from a downloaded file
     if not isinstance(pkg, dict) or not ("best_state" in pkg or "pretrained" in pkg):
         raise LoadError(f"{path} is not an audiocraft checkpoint (no 'best_state')")
     return pkg
@@ -474,12 +466,17 @@ def _parts(model) -> tuple[dict, dict, bytes]:
     return weights, configs, model.text_encoder.sp.serialized_model_proto()
 
 
-def export_native(model, dst, extra: dict | None = None):
-    """Our layout, self-contained: LM + T5 + EnCodec weights, their configs and spiece.model."""
+def export_native(model, dst, extra: dict | None = None, dtype: str = "float32"):
+    """Our layout, self-contained: LM + T5 + EnCodec weights, their configs and spiece.model.
+    dtype "float16" halves the file (weights are loaded back as float32, or the dtype asked for)."""
     from .loading import save_native
 
     weights, configs, spiece = _parts(model)
     lm_state = {k: v.detach().float() for k, v in model.lm.state_dict().items()}
+    if dtype != "float32":
+        to = getattr(torch, dtype)
+        lm_state = {k: v.to(to) for k, v in lm_state.items()}
+        weights = {k: v.to(to) if v.is_floating_point() else v for k, v in weights.items()}
 
     def fill(tmp):
         save_native(tmp, lm_state, model.lm.cfg, base=None, extra=extra, more_weights=weights, more_config=configs)

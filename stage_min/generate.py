@@ -3,6 +3,7 @@
 The whole loop stays on the device: sampling, guidance and forcing of known tokens (start step,
 delay gaps, a STAGE prefix) are tensor ops, so no value is read back to the host per step.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,21 +20,28 @@ class SamplingConfig:
     temperature: float = 1.0
 
     def check(self):
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be > 0 and finite, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top-k must be >= 0, got {self.top_k}")
         if not 0 <= self.top_p <= 1:
             raise ValueError(f"top-p must be in [0, 1], got {self.top_p}")
-        if not self.cfg_coef >= 1:
-            raise ValueError(f"guidance coefficient must be >= 1, got {self.cfg_coef}")
+        if not 1 <= self.cfg_coef <= MAX_CFG:
+            raise ValueError(f"guidance coefficient must be in [1, {MAX_CFG:g}], got {self.cfg_coef}")
+
+
+MAX_CFG = 1e4  # far beyond any useful value; keeps the guided logits far from float32's range
+MIN_TEMPERATURE = torch.finfo(torch.float32).tiny  # below it a temperature acts as this one: greedy in effect
 
 
 def sample(logits: torch.Tensor, sc: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (..., V) -> ids (...). top-k 1 is exactly greedy."""
     if sc.top_k == 1:
         return logits.argmax(-1)
-    logits = logits.float() / sc.temperature
+    # the largest logit is moved to 0 first, so that a tiny temperature sends the others to -inf
+    # (never 0 / 0 or inf - inf): the limit of sampling as the temperature goes to 0 is greedy
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / max(sc.temperature, MIN_TEMPERATURE)
     if sc.top_k > 0:
         kth = torch.topk(logits, min(sc.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -52,7 +60,7 @@ def guided(logits: torch.Tensor, n_cond: int, cfg_coef: float) -> torch.Tensor:
     """[cond; uncond] logits -> uncond + (cond - uncond) * cfg_coef on raw logits."""
     if logits.shape[0] == n_cond:
         return logits
-    cond, uncond = logits[:n_cond], logits[n_cond:]
+    cond, uncond = logits[:n_cond].float(), logits[n_cond:].float()  # fp32: fp16 logits overflow at large cfg
     return uncond + (cond - uncond) * cfg_coef
 
 

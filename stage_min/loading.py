@@ -5,7 +5,9 @@ naming it. Nothing is ever loaded partially.
 """
 import json
 import os
+import re
 import tempfile
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,11 +25,29 @@ class LoadError(Exception):
 
 
 # ---- finding a model folder ---------------------------------------------------------------------
+LATEST = "latest"  # in a train.py run folder: the name of the step folder holding the last complete checkpoint
+
+
+def follow_latest(folder: Path) -> Path:
+    """A train.py run folder -> the step folder its `latest` pointer names; any other folder as is."""
+    pointer = Path(folder) / LATEST
+    if not pointer.is_file():
+        return Path(folder)
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LoadError(f"cannot read {pointer} ({getattr(e, 'strerror', None) or type(e).__name__})") from None
+    if not re.fullmatch(r"step-\d+", name) or not (Path(folder) / name).is_dir():
+        raise LoadError(f"{pointer} names {name!r}, which is not a checkpoint folder in {folder}")
+    return Path(folder) / name
+
+
 def resolve_model_dir(name: str) -> Path:
-    """A local folder as is; a hub id ("facebook/musicgen-small") from weights/, else downloaded there."""
+    """A local folder as is (a train.py run: its latest checkpoint); a hub id ("facebook/musicgen-small")
+    from weights/, else downloaded there."""
     path = Path(name).expanduser()
     if path.is_dir():
-        return path
+        return follow_latest(path)
     if path.exists():
         raise LoadError(f"{name} is a file; --model wants a folder or a hub id")
     parts = name.split("/")
@@ -59,11 +79,39 @@ def has_weights(folder: Path) -> bool:
 
 
 # ---- reading files ------------------------------------------------------------------------------
-def _read_one(path: Path) -> dict:
+def safe_torch_load(path: Path, legacy_numpy: bool = False, mmap: bool = False):
+    """torch.load that never runs pickled code (weights_only=True): tensors, numbers, strings and
+    containers only. A file that pickles anything else is refused in one line (torch's warnings
+    about pickle protocols are silenced: the error says it all). legacy_numpy also reads numpy
+    arrays (the RNG state in train_state.pt of runs saved before step folders); still no code runs.
+    mmap (torch.save's zip format only) maps the tensors rather than copying a large file into memory.
+    The file is opened here, so its suffix never decides how torch reads it."""
+    import numpy as np
+
+    allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+               (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct] if legacy_numpy else []
     try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings(), torch.serialization.safe_globals(allowed):
+            warnings.simplefilter("ignore")
+            if mmap and Path(path).suffix != ".safetensors":  # torch.load would hand that name to safetensors
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            with open(path, "rb") as f:
+                return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = str(e)
+        if "Weights only load failed" in text or type(e).__name__ == "UnpicklingError":
+            found = re.search(r"GLOBAL (\S+)", text)
+            what = f" ({found.group(1)})" if found else ""
+            raise LoadError(f"{path}: refused: it pickles Python objects{what}, and loading them could run code; "
+                            "only tensors and plain values are read") from None
+        raise LoadError(f"cannot read {path}: {type(e).__name__}: {text.splitlines()[0] if text else ''}") from None
+
+
+def _read_one(path: Path) -> dict:
+    if path.suffix != ".safetensors":
+        return safe_torch_load(path)
+    try:
+        return load_file(str(path))
     except Exception as e:
         raise LoadError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
@@ -84,13 +132,30 @@ def read_state_dict(folder: Path) -> dict:
     raise LoadError(f"no weights in {folder}: expected model.safetensors, sharded safetensors with an index, or pytorch_model.bin")
 
 
-def read_config(folder: Path) -> dict:
+def read_json(path: Path, what: str = "JSON object") -> dict:
+    """A JSON object from a file; LoadError naming the file for anything else."""
+    path = Path(path)
     try:
-        return json.loads((folder / "config.json").read_text())
+        value = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
-        raise LoadError(f"{folder} has no config.json") from None
+        raise LoadError(f"{path.parent} has no {path.name}") from None
+    except IsADirectoryError:
+        raise LoadError(f"{path} is a folder, not a file") from None
+    except OSError as e:
+        raise LoadError(f"cannot read {path} ({e.strerror or type(e).__name__})") from None
+    except UnicodeDecodeError as e:
+        raise LoadError(f"{path} is not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
-        raise LoadError(f"{folder / 'config.json'} is not valid JSON ({e})") from None
+        raise LoadError(f"{path} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise LoadError(f"{path} is nested too deeply to be a config") from None
+    if not isinstance(value, dict):
+        raise LoadError(f"{path} holds {type(value).__name__ if value is not None else 'null'}, not a {what}")
+    return value
+
+
+def read_config(folder: Path) -> dict:
+    return read_json(Path(folder) / "config.json")
 
 
 # ---- strict loading -----------------------------------------------------------------------------
@@ -170,7 +235,7 @@ def lm_state_to_hf(state: dict, cfg: LMConfig) -> dict:
 
 def lm_config_from_hf(config: dict, state: dict | None = None) -> LMConfig:
     dec = config.get("decoder")
-    if dec is None or "hidden_size" not in dec:
+    if not isinstance(dec, dict) or "hidden_size" not in dec:
         raise LoadError("config.json has no MusicGen 'decoder' section; is this a transformers MusicGen folder?")
     if dec.get("audio_channels", 1) != 1:
         raise LoadError("stereo MusicGen checkpoints are not supported (audio_channels != 1)")
@@ -227,13 +292,20 @@ def is_native(config: dict) -> bool:
 
 
 def lm_config_from_native(config: dict) -> LMConfig:
-    fields = config.get("lm")
-    if not isinstance(fields, dict):
+    values = config.get("lm")
+    if not isinstance(values, dict):
         raise LoadError("native config.json has no 'lm' section")
     try:
-        return LMConfig(**fields)
-    except TypeError as e:
+        return LMConfig(**values)
+    except (TypeError, ValueError) as e:
         raise LoadError(f"native config.json 'lm' section does not fit this version: {e}") from None
+
+
+def check_finite(module: torch.nn.Module, what: str):
+    """Refuse weights holding NaN or infinity (a diverged training run): they only make noise."""
+    for name, p in module.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise LoadError(f"{what}: weight {name} holds NaN or infinite values (a diverged training run?)")
 
 
 def with_default_mode(path: Path):

@@ -8,7 +8,7 @@ from . import delay
 from .codec import Codec
 from .formats import read_checkpoint
 from .generate import SamplingConfig, compiled_step, generate_tokens
-from .loading import LoadError, add_context_token, load_strict, renamed_weight_norm, submodule_state
+from .loading import LoadError, add_context_token, check_finite, load_strict, renamed_weight_norm, submodule_state
 from .model import MusicGenLM
 from .stage import generation_rows
 from .text import TextEncoder
@@ -41,11 +41,15 @@ class MusicGen(torch.nn.Module):
         with torch.device("meta"):  # no random init of weights that are overwritten anyway
             lm = MusicGenLM(cfg)
         load_strict(lm, lm_state, "LM weights", assign=True)
+        check_finite(lm, f"{name}: LM")
         text_encoder = load_text_encoder(ckpt.spiece_dir, ckpt.config, ckpt.state)
         model = cls(lm, text_encoder, load_codec(ckpt.config, ckpt.state)).to(device).eval()
         model.lm.to(dtype)  # only the LM: T5 overflows in fp16, and the codec runs once, so both stay fp32
         model.context_token_added = context_token_added  # an untrained row: the stem will not follow a context
         model.layout = ckpt.layout  # which file layout it came from (formats.detect_layout)
+        # a model trained on one fixed window (context as long as the stem, e.g. the toy) generates in it
+        window = ckpt.config.get("window_seconds")
+        model.window_frames = round(float(window) * model.codec.frame_rate) if window else None
         return model
 
     def text_condition(self, prompts: list[str]):
@@ -96,19 +100,25 @@ class MusicGen(torch.nn.Module):
             raise ValueError("this model has no context token; load it with stage=True or use a STAGE checkpoint")
         sampling = sampling or SamplingConfig()
         sampling.check()
+        n_out, window, hop = n_frames, getattr(self, "window_frames", None), self.codec.hop
+        if window and n_frames <= window:  # the geometry it was trained on: context and stem one window long
+            contexts = [torch.nn.functional.pad(torch.as_tensor(c, dtype=torch.float32)[:window * hop],
+                                                (0, max(0, window * hop - len(c)))) for c in contexts]
+            n_frames = window
         cfg = self.lm.cfg
         codes = [self.encode_context(c)[:, :, :n_frames] for c in contexts]
         lengths = torch.tensor([c.shape[-1] for c in codes], device=self.device)
         context = torch.stack([torch.nn.functional.pad(c[0], (int(lengths.max()) - c.shape[-1], 0), value=cfg.special_id) for c in codes])
-        return self._stage_rows(context, lengths, prompts, n_frames, sampling, seed, progress, compile)
+        return self._stage_rows(context, lengths, prompts, n_frames, sampling, seed, progress, compile, n_out)
 
-    def _stage_rows(self, context, lengths, prompts, n_frames, sampling, seed, progress, compile):
-        """`[context][separator][stem]` rows (context (B, K, C) right-aligned, C may be 0) -> the stem."""
-        cfg = self.lm.cfg
+    def _stage_rows(self, context, lengths, prompts, n_frames, sampling, seed, progress, compile, n_out=None):
+        """`[context][separator][stem]` rows (context (B, K, C) right-aligned, C may be 0) -> the stem's
+        first n_out frames (default all n_frames: a fixed-window model fills its window, then is cut)."""
+        cfg, n_out = self.lm.cfg, n_out or n_frames
         grid, known, keep, C = generation_rows(context, lengths, n_frames, cfg.special_id, cfg.context_id,
                                                guidance=sampling.cfg_coef != 1.0)
         grid = self._fill(prompts, grid, known, keep, sampling, seed, progress, compile)
-        stem_codes = delay.deinterleave(grid)[:, :, C + 1:]  # drop the context and separator frames
+        stem_codes = delay.deinterleave(grid)[:, :, C + 1:C + 1 + n_out]  # drop the context and separator frames
         return self.codec.decode(stem_codes).float(), stem_codes
 
     def encode_context(self, audio: torch.Tensor) -> torch.Tensor:
@@ -128,18 +138,55 @@ def load_text_encoder(folder: Path, config: dict, state: dict) -> TextEncoder:
     spiece = folder / "spiece.model"
     if not spiece.exists():
         raise LoadError(f"{folder} has no spiece.model (t5-base's sentencepiece model); copy it there from t5-base")
-    t5 = T5EncoderModel(T5Config.from_dict(config["text_encoder"]))
+    t5_config = _sub_config(T5Config, config, "text_encoder")
+    try:
+        t5 = T5EncoderModel(t5_config)
+    except Exception as e:  # settings from_dict accepts but the model cannot be built with
+        raise LoadError(f"config.json's 'text_encoder' section describes no valid T5 ({type(e).__name__}: {e})") from None
     sub = submodule_state(state, "text_encoder.")
     # T5 ties shared.weight and encoder.embed_tokens.weight; files often store only one of them
     for have, need in (("shared.weight", "encoder.embed_tokens.weight"), ("encoder.embed_tokens.weight", "shared.weight")):
         if have in sub and need not in sub:
             sub[need] = sub[have]
     load_strict(t5, sub, "text encoder (T5) weights")
-    return TextEncoder(spiece, t5)
+    try:
+        return TextEncoder(spiece, t5)
+    except (RuntimeError, OSError) as e:  # sentencepiece's parse error
+        raise LoadError(f"{spiece}: not a sentencepiece model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def _sub_config(kind, config: dict, part: str):
+    """T5Config / EncodecConfig from a config section, checked enough that building the model
+    cannot fail half-way with a Python error (a config file can hold anything)."""
+    section = config.get(part)
+    if not isinstance(section, dict):
+        raise LoadError(f"config.json's '{part}' section is missing or not an object")
+    try:
+        sub = kind.from_dict(section)
+    except Exception as e:
+        raise LoadError(f"config.json's '{part}' section is not a valid {kind.__name__} ({type(e).__name__}: {e})") from None
+    sizes = (["d_model", "d_kv", "d_ff", "num_layers", "num_heads", "vocab_size"] if part == "text_encoder" else
+             ["sampling_rate", "num_filters", "hidden_size", "codebook_size", "codebook_dim", "audio_channels"])
+    for name in sizes:
+        value = getattr(sub, name, None)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise LoadError(f"config.json's '{part}' section: {name}={value!r} describes no valid model")
+    if part == "audio_encoder":
+        ratios, bandwidths = sub.upsampling_ratios, sub.target_bandwidths
+        if (not isinstance(ratios, list) or not ratios or not all(isinstance(r, int) and r >= 1 for r in ratios)
+                or not isinstance(bandwidths, list) or not bandwidths
+                or not all(isinstance(b, (int, float)) and b > 0 for b in bandwidths)):
+            raise LoadError(f"config.json's '{part}' section: upsampling_ratios / target_bandwidths describe no valid codec")
+    return sub
 
 
 def load_codec(config: dict, state: dict) -> Codec:
-    model = EncodecModel(EncodecConfig.from_dict(config["audio_encoder"]))
+    try:
+        model = EncodecModel(_sub_config(EncodecConfig, config, "audio_encoder"))
+    except LoadError:
+        raise
+    except Exception as e:  # settings from_dict accepts but the model cannot be built with
+        raise LoadError(f"config.json's 'audio_encoder' section describes no valid codec ({type(e).__name__}: {e})") from None
     expected = model.state_dict()
     sub = renamed_weight_norm(submodule_state(state, "audio_encoder."), expected)
     for key in expected:  # the codebooks' EMA statistics only matter for training the codec: keep defaults if absent

@@ -62,14 +62,19 @@ def build_sequence(
 
 
 def generation_rows(context: torch.Tensor, context_lengths: torch.Tensor, n_target: int, special: int,
-                    context_id: int, guidance: bool):
+                    context_id: int, guidance: bool, given: torch.Tensor | None = None):
     """Grid, known tokens and keep mask for generate_tokens. With guidance, the conditional rows are
     followed by unconditional ones that drop the context (blanked and removed from attention) but
-    keep the separator; their text is dropped by generate_tokens. Returns (grid, known, keep, C)."""
-    seq = build_sequence(context, None, n_target, special, context_id, context_lengths)
+    keep the separator; their text is dropped by generate_tokens. given (B, K, n_target): target
+    frames known in advance (a continuation, or the overlap with a song's previous window), the
+    special token where a frame is to be sampled; both halves get them. Returns (grid, known, keep, C)."""
+    def rows(drop):
+        seq = build_sequence(context, given, n_target, special, context_id, context_lengths, drop)
+        # a real code is never the special id, so a target token that is not special was given
+        return seq.grid, seq.known | (seq.target & (seq.grid != special)), seq.keep, seq.n_context
+
+    grid, known, keep, C = rows(None)
     if not guidance:
-        return seq.grid, seq.known, seq.keep, seq.n_context
-    dropped = torch.ones(context.shape[0], dtype=torch.bool, device=context.device)
-    null = build_sequence(context, None, n_target, special, context_id, context_lengths, dropped)
-    return (torch.cat([seq.grid, null.grid]), torch.cat([seq.known, null.known]),
-            torch.cat([seq.keep, null.keep]), seq.n_context)
+        return grid, known, keep, C
+    null_grid, null_known, null_keep, _ = rows(torch.ones(context.shape[0], dtype=torch.bool, device=context.device))
+    return torch.cat([grid, null_grid]), torch.cat([known, null_known]), torch.cat([keep, null_keep]), C

@@ -1,9 +1,10 @@
 """Procedural stems for offline training runs: drums, bass and chords, numpy only.
 
-    python -m stage_min.synth DIR --songs 16 [--seconds 20] [--seed 0]
+    python -m stage_min.synth DIR --songs 16 [--seconds 20] [--seed 0] [--overwrite]
 
 writes DIR/song_000/{drums,bass,chords}.wav, beats.txt (one `<seconds> <position in bar>` line per
-beat) and caption.txt, i.e. the plain layout that `stage_min.data` reads.
+beat) and caption.txt, i.e. the plain layout that `stage_min.data` reads. DIR must be new or empty
+(`--overwrite` writes into a folder that is not, replacing the songs of the same names).
 
 The stems are deliberately coupled, so that a model can learn in few steps that the context
 tells it about the target: the kick pattern changes every bar at random and the bass plays on
@@ -15,6 +16,7 @@ odd number of frames).
 """
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -69,15 +71,47 @@ def _add(track, start, sound):
         track[start:end] += sound[: end - start]
 
 
-def make_song(rng: np.random.Generator, seconds: float, sr: int = SAMPLE_RATE) -> dict:
+KITS = {  # fixed kits for the toy model: no sound names a song, the caption names the kit
+    "rock": dict(kick=55.0, snare=190.0, hat=2600.0, genres="rock, indie"),
+    "electronic": dict(kick=42.0, snare=320.0, hat=5200.0, genres="electronic, techno"),
+    "lofi": dict(kick=70.0, snare=150.0, hat=1800.0, genres="hip hop, lofi"),
+}
+
+
+@dataclass
+class Style:
+    """How songs are drawn. The defaults are the original synthetic songs (kits tuned to the key,
+    91-150 BPM on whole frames, 4/4); `TOY` is what the shipped toy model is trained on."""
+    frames_per_beat: tuple = (20, 34)  # beat period range in codec frames (whole frames), high excluded
+    bpm: tuple | None = None  # instead: a continuous tempo range (low, high); beats at exact samples
+    meters: tuple = (4,)  # beats per bar to draw from
+    kits: tuple = ()  # names in KITS to draw from; empty: a kit tuned to the song's key
+    kick_on_beats: bool = False  # a kick on every beat (four on the floor), random ones between
+    p_kick: float = P_KICK  # chance of a (further) kick on each eighth note
+    offbeat_hats: float = 1.0  # level of the hats between beats (eighths, and sixteenths when busy)
+
+
+TOY = Style(bpm=(70.0, 180.0), meters=(3, 4, 5), kits=tuple(KITS), kick_on_beats=True, p_kick=0.2, offbeat_hats=0.0)
+
+
+def make_song(rng: np.random.Generator, seconds: float, sr: int = SAMPLE_RATE, style: Style = Style()) -> dict:
     """One song: {'drums', 'bass', 'chords': float32 audio, 'beats': (times, positions), 'caption'}."""
-    frames_per_beat = int(rng.integers(20, 34))  # 150 .. 91 BPM, periods of whole frames
-    period = frames_per_beat * FRAME
+    if style.bpm is None:
+        period = int(rng.integers(*style.frames_per_beat)) * FRAME  # e.g. 150 .. 91 BPM on whole frames
+    else:
+        period = int(round(60 * sr / rng.uniform(*style.bpm)))
     bpm = 60 * sr / period
     root = int(rng.integers(12))
     minor = bool(rng.random() < 0.5)
     root_hz = 55.0 * 2 ** (((root - 9) % 12) / 12)  # A1 = 55 Hz, so roots sit in 55..104 Hz
-    kit_hz = 40.0 * 2 ** (root / 6)  # the kit follows the key over two octaves: low keys, low kits
+    per_bar = style.meters[int(rng.integers(len(style.meters)))] if len(style.meters) > 1 else style.meters[0]
+    if style.kits:
+        kit_name = style.kits[int(rng.integers(len(style.kits)))]
+        kit = KITS[kit_name]
+        kick_hz, snare_hz, hat_hz = kit["kick"], kit["snare"], kit["hat"]
+    else:
+        kit_hz = 40.0 * 2 ** (root / 6)  # the kit follows the key over two octaves: low keys, low kits
+        kick_hz, snare_hz, hat_hz = kit_hz, kit_hz * 4, kit_hz * 40
     busy = bool(rng.random() < 0.5)  # busy songs: hats on sixteenths and chord stabs on eighths
     third = 3 if minor else 4
     n = int(seconds * sr)
@@ -85,46 +119,50 @@ def make_song(rng: np.random.Generator, seconds: float, sr: int = SAMPLE_RATE) -
     offset = int(rng.integers(0, 4)) * FRAME  # first downbeat a few frames in
     eighth = period // 2
     beats, positions = [], []
-    hat_hit = hat(kit_hz * 40, rng)  # one recorded hit per drum, reused: a sample-based kit
-    snare_hit = snare(kit_hz * 4, rng)
-    kick_hit = kick(kit_hz)
+    hat_hit = hat(hat_hz, rng)  # one recorded hit per drum, reused: a sample-based kit
+    snare_hit = snare(snare_hz, rng)
+    kick_hit = kick(kick_hz)
     progression = [0, 5, 7, 3 if minor else 9]  # i-iv-v-(VI/vi) in semitones
     bar = 0
-    while offset + bar * 4 * period < n:
-        start = offset + bar * 4 * period
-        for b in range(4):
+    while offset + bar * per_bar * period < n:
+        start = offset + bar * per_bar * period
+        for b in range(per_bar):
             beats.append((start + b * period) / sr)
             positions.append(b + 1)
         shift = progression[bar % 4]
         # a new kick pattern every bar: the drums' own past does not tell where the next kick
         # falls, the bass (which plays on every kick) does
-        pattern = [0] + [e for e in range(1, 8) if rng.random() < P_KICK]
-        for e in range(8):
+        pattern = [0] + [e for e in range(1, 2 * per_bar) if (style.kick_on_beats and e % 2 == 0) or rng.random() < style.p_kick]
+        for e in range(2 * per_bar):
             t = start + e * eighth
-            _add(drums, t, hat_hit)
-            if busy:
-                _add(drums, t + eighth // 2 // FRAME * FRAME, hat_hit)
+            _add(drums, t, hat_hit if e % 2 == 0 else style.offbeat_hats * hat_hit)
+            if busy:  # (the original songs snap the sixteenth to the frame grid)
+                _add(drums, t + (eighth // 2 if style.bpm else eighth // 2 // FRAME * FRAME), style.offbeat_hats * hat_hit)
             if e in pattern:
                 _add(drums, t, kick_hit)
                 _add(bass, t, pluck(root_hz * 2 ** (shift / 12) * 2, eighth / sr * 1.5))
-            if e in (2, 6):
+            if e % 4 == 2:  # snare on the even beats (2 and 4 in 4/4)
                 _add(drums, t, snare_hit)
         chord = [root_hz * 4 * 2 ** ((shift + iv) / 12) for iv in (0, third, 7)]
         if busy:
-            for e in range(8):
+            for e in range(2 * per_bar):
                 _add(chords, start + e * eighth, pad(chord, 0.7 * eighth / sr))
         else:
-            _add(chords, start, pad(chord, 4 * period / sr))
+            _add(chords, start, pad(chord, per_bar * period / sr))
         bar += 1
     beats_in = [(t, p) for t, p in zip(beats, positions) if t < seconds]
     name = f"{NOTES[root]} {'minor' if minor else 'major'}"
     pace = "slow" if bpm < 110 else "fast" if bpm > 130 else "mid-tempo"
-    caption = f"{pace} groove with drums, bass and chords in {name}"
+    if style.kits:  # the official models' caption form (REFERENCE.md 8.6)
+        mood = "calm, relaxed" if bpm < 100 else "energetic, upbeat" if bpm > 140 else "groovy"
+        caption = f"Genres: {KITS[kit_name]['genres']}. Moods: {mood}. "
+    else:
+        caption = f"{pace} groove with drums, bass and chords in {name}"
     return {"drums": drums.astype(np.float32), "bass": bass.astype(np.float32), "chords": chords.astype(np.float32),
-            "beats": beats_in, "caption": caption}
+            "beats": beats_in, "caption": caption, "bpm": bpm, "beats_per_bar": per_bar}
 
 
-def write_dataset(folder, n_songs: int, seconds: float = 20.0, seed: int = 0, sr: int = SAMPLE_RATE):
+def write_dataset(folder, n_songs: int, seconds: float = 20.0, seed: int = 0, sr: int = SAMPLE_RATE, style: Style = Style()):
     import soundfile as sf
 
     from .data import format_beats
@@ -133,7 +171,7 @@ def write_dataset(folder, n_songs: int, seconds: float = 20.0, seed: int = 0, sr
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for i in range(n_songs):
-        song = make_song(rng, seconds, sr)
+        song = make_song(rng, seconds, sr, style)
         d = folder / f"song_{i:03d}"
         d.mkdir(exist_ok=True)
         for stem in ("drums", "bass", "chords"):
@@ -143,17 +181,46 @@ def write_dataset(folder, n_songs: int, seconds: float = 20.0, seed: int = 0, sr
     return folder
 
 
+MAX_SECONDS = 600.0  # ten minutes a song: enough for any test; a limit keeps a typo from filling the disk
+MAX_SONGS = 100000
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_args(args):
+    """One-line errors for everything, before anything is written."""
+    if not 1 <= args.songs <= MAX_SONGS:
+        raise ValueError(f"--songs must be in [1, {MAX_SONGS}], got {args.songs}")
+    if not 0 < args.seconds <= MAX_SECONDS:  # NaN fails too
+        raise ValueError(f"--seconds must be > 0 and at most {MAX_SECONDS:g}, got {args.seconds:g}")
+    if not 0 <= args.seed <= 2**63 - 1:
+        raise ValueError(f"--seed must be in [0, 2^63 - 1], got {args.seed}")
+    folder = Path(args.folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file; give a folder for the songs")
+    if folder.is_dir() and any(folder.iterdir()) and not args.overwrite:
+        raise ValueError(f"{folder} is not empty: its songs and captions would be overwritten "
+                         "(choose a new folder, or pass --overwrite)")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folder")
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", help="where to write the songs: a new or empty folder")
     p.add_argument("--songs", type=int, default=16)
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty (replacing its songs)")
     args = p.parse_args(argv)
-    if args.songs < 1 or not args.seconds > 0:
-        print("error: --songs must be >= 1 and --seconds > 0", file=sys.stderr)
+    try:
+        check_args(args)
+        write_dataset(args.folder, args.songs, args.seconds, args.seed)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    write_dataset(args.folder, args.songs, args.seconds, args.seed)
     print(f"wrote {args.songs} songs to {args.folder}")
 
 

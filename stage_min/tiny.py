@@ -36,32 +36,37 @@ def train_spiece(path: Path):
     Path(path).write_bytes(model.getvalue())
 
 
-def tiny_config(dim=64, layers=2, heads=4, text_dim=32, vocab=120):
+def tiny_config(dim=64, layers=2, heads=4, text_dim=32, vocab=120, audio=None):
+    """A tiny MusicgenConfig; `audio`: an EncodecConfig to use instead of the tiny random codec's."""
     from transformers import EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, T5Config
 
     text = T5Config(vocab_size=vocab, d_model=text_dim, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
-    audio = EncodecConfig(
+    audio = audio or EncodecConfig(
         sampling_rate=32000, audio_channels=1, upsampling_ratios=[8, 5, 4, 4], target_bandwidths=[2.2],
         num_filters=4, hidden_size=16, codebook_size=2048, codebook_dim=16, num_lstm_layers=1,
         use_causal_conv=False, normalize=False, pad_mode="reflect", chunk_length_s=None, overlap=None,
     )
     decoder = MusicgenDecoderConfig(
-        vocab_size=2048, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=4 * dim,
+        vocab_size=audio.codebook_size, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=4 * dim,
         num_codebooks=4, max_position_embeddings=2048, dropout=0.0,
     )
     return MusicgenConfig(text_encoder=text.to_dict(), audio_encoder=audio.to_dict(), decoder=decoder.to_dict())
 
 
-def build(folder, seed=0, **config):
-    """Write a random transformers MusicGen (save_pretrained) plus spiece.model; returns the model."""
+def build(folder, seed=0, codec=None, **config):
+    """Write a random transformers MusicGen (save_pretrained) plus spiece.model; returns the model.
+    `codec`: a trained EncodecModel to put in instead of a random one (the toy model's base)."""
     from transformers import MusicgenForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = MusicgenForConditionalGeneration(tiny_config(**config)).eval()
-    with torch.no_grad():  # a fresh EnCodec's codebooks are zeros: give them values
-        for name, buffer in model.audio_encoder.quantizer.named_buffers():
-            if name.endswith("embed"):
-                buffer.normal_()
+    model = MusicgenForConditionalGeneration(tiny_config(**config, audio=codec.config if codec else None)).eval()
+    with torch.no_grad():
+        if codec is not None:
+            model.audio_encoder.load_state_dict(codec.state_dict())
+        else:  # a fresh EnCodec's codebooks are zeros: give them values
+            for name, buffer in model.audio_encoder.quantizer.named_buffers():
+                if name.endswith("embed"):
+                    buffer.normal_()
     model.save_pretrained(folder)
     train_spiece(Path(folder) / "spiece.model")
     return model
@@ -97,25 +102,48 @@ def make_codec_hear(folder, audio_files, seed=0, n_distinct=(32, 2, 2, 2)):
     model.save_pretrained(folder)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from transformers.utils import logging as hf_logging
+
+    from .formats import _write_folder, check_new_folder
+    from .loading import LoadError
+
+    hf_logging.set_verbosity_error()  # a tool's output: its result or one error line, not transformers' chatter
+    hf_logging.disable_progress_bar()
+
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="folder to write (must not exist, or be empty)")
     p.add_argument("--hear", help="a dataset folder (plain layout): fit the codec's codebooks to its drums and bass")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        sys.exit(f"error: {out} exists and is not an empty folder")
-    files = []
-    if args.hear:
-        files = sorted(Path(args.hear).glob("*/drums.wav"))[:6] + sorted(Path(args.hear).glob("*/bass.wav"))[:6]
-        if not files:
-            sys.exit(f"error: {args.hear} has no song folders with drums.wav or bass.wav")
-    out.mkdir(parents=True, exist_ok=True)
-    build(out, seed=args.seed)
-    if files:
-        make_codec_hear(out, files, seed=args.seed)
-    print(f"wrote a tiny random MusicGen to {out}")
+    try:
+        if not 0 <= args.seed < 2**32:  # numpy's and torch's generators both take it
+            raise ValueError(f"--seed must be in [0, 2^32 - 1], got {args.seed}")
+        check_new_folder(args.out)
+        files = []
+        if args.hear:
+            if not Path(args.hear).is_dir():
+                raise ValueError(f"--hear {args.hear} is not a folder")
+            files = sorted(Path(args.hear).glob("*/drums.wav"))[:6] + sorted(Path(args.hear).glob("*/bass.wav"))[:6]
+            if not files:
+                raise ValueError(f"{args.hear} has no song folders with drums.wav or bass.wav")
+
+        def fill(tmp):  # built under a temporary name: a failure never leaves a half-built model folder
+            build(tmp, seed=args.seed)
+            if files:
+                make_codec_hear(tmp, files, seed=args.seed)
+
+        _write_folder(Path(args.out), fill)
+    except (LoadError, ValueError, OSError, RuntimeError) as e:  # RuntimeError: soundfile on a corrupt --hear file
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote a tiny random MusicGen to {args.out}")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,13 @@
 train.py keeps the loop itself readable; what is here is the machinery around it.
 """
 import json
+import math
 import os
 import random
+import re
+import shutil
 import signal
+import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -16,7 +20,8 @@ import torch.nn.functional as F
 
 from . import delay
 from .data import DataConfig, Example
-from .loading import is_native, read_config, save_native, write_atomic
+from .loading import (LATEST, LoadError, follow_latest, is_native, read_config, safe_torch_load, save_native,
+                      with_default_mode, write_atomic)
 from .model import LMConfig, MusicGenLM
 from .stage import build_sequence
 
@@ -26,6 +31,10 @@ METRICS_FILE = "metrics.jsonl"
 
 class UsageError(Exception):
     """A bad option or a run folder that does not fit the options; the message says which."""
+
+
+class Diverged(Exception):
+    """The loss, the gradients or the weights became NaN or infinite; nothing is saved over the last checkpoint."""
 
 
 @dataclass
@@ -70,15 +79,24 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_windows", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "beta1", "beta2", "weight_decay", "clip"):  # NaN passes no test below, inf some
+            if not math.isfinite(getattr(self, name)):
+                raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name):g}")
         if not self.lr > 0:
             raise UsageError(f"--lr must be > 0, got {self.lr:g}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise UsageError("--beta1 and --beta2 must be in [0, 1)")
-        if self.weight_decay < 0 or not self.clip > 0:
-            raise UsageError("--weight-decay must be >= 0 and --clip > 0")
+        if self.weight_decay < 0:
+            raise UsageError(f"--weight-decay must be >= 0, got {self.weight_decay:g}")
+        if not self.clip > 0:
+            raise UsageError(f"--clip must be > 0, got {self.clip:g}")
         for name, choices in (("clip_mode", CLIP_MODES), ("precision", PRECISIONS), ("separator_init", SEPARATOR_INITS)):
             if getattr(self, name) not in choices:
                 raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if not 0 <= self.seed <= 2**63 - 1:
+            raise UsageError(f"--seed must be in [0, 2^63 - 1], got {self.seed}")
+        if not re.fullmatch(r"(cpu|cuda(:\d+)?)?", self.device):
+            raise UsageError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
         for name in ("p_text_drop", "p_context_drop", "p_word_drop"):
             if not 0 <= getattr(self, name) <= 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name):g}")
@@ -162,6 +180,23 @@ def build_model(cfg: TrainConfig):
     return model.eval(), base
 
 
+def validation_windows(val_songs: list, val_data: list, cfg: TrainConfig, codec, stats=None) -> list:
+    """The fixed held-out windows, or [] with a warning saying why validation is off."""
+    import sys
+
+    from .data import DataError, StemWindows
+
+    if not val_songs:
+        return []
+    try:
+        val_cfg = replace(cfg.data_cfg, augment=False)  # held-out windows as the songs are
+        val = StemWindows(val_data, val_cfg, codec.frame_rate, codec.sample_rate, stats)
+        return [val.draw(np.random.default_rng([cfg.seed, 2**31, i])) for i in range(cfg.eval_windows)]
+    except DataError as e:
+        print(f"warning: validation is off: none of the {len(val_songs)} held-out song(s) is usable ({e})", file=sys.stderr)
+        return []
+
+
 def freeze_for_training(model):
     """EnCodec and T5 frozen; the whole LM, text projection included, trained."""
     for p in model.text_encoder.parameters():
@@ -195,6 +230,17 @@ def make_optimizer(lm: MusicGenLM, cfg: TrainConfig, fused: bool = False) -> tor
     no_decay = [p for p in lm.parameters() if p.requires_grad and not (cfg.decay_all or p.dim() >= 2)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+
+
+def clip_gradients(lm: MusicGenLM, cfg: TrainConfig) -> torch.Tensor:
+    """Clip per value (the original's) or by the global norm; returns the global norm before
+    clipping, whose finiteness tells a diverged (or, with fp16, overflowed) step."""
+    if cfg.clip_mode == "norm":
+        return torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.clip)
+    grads = [p.grad for p in lm.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    torch.nn.utils.clip_grad_value_(lm.parameters(), cfg.clip)
+    return norm
 
 
 # ---- batches ------------------------------------------------------------------------------------
@@ -324,8 +370,22 @@ def evaluate(lm: MusicGenLM, batches: list[dict], autocast, valid_only: bool = T
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
+# A run folder holds one checkpoint as a unit: step-N/ (config.json, model.safetensors, train_state.pt),
+# written complete under a temporary name (.step-N.XXXX), renamed, and only then named by the pointer
+# file `latest` (replaced atomically). The previous step folder is deleted after that, so a kill at any
+# moment leaves the last complete checkpoint in place; leftovers are removed by the next start.
+# train_state.pt holds tensors and plain values only (loaded with weights_only=True).
+STEP_DIR = re.compile(r"step-(\d+)")
+
+
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG state as tensors and plain numbers: nothing that needs unpickling."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, words, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+             "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss_next": gauss_next}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -333,40 +393,116 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n, p = state["numpy"], state["python"]
+    if isinstance(n, dict):
+        n = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    np.random.set_state(n)  # else a run saved before step folders: numpy's own tuple
+    if isinstance(p, dict):
+        p = (p["version"], tuple(int(w) for w in p["words"]), p["gauss_next"])
+    random.setstate(p)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _fsync(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The step folder the run's `latest` pointer names (None: no checkpoint yet). A run written
+    before step folders existed is its own checkpoint folder."""
+    out = Path(out)
+    if (out / LATEST).is_file():
+        return follow_latest(out)
+    if (out / "config.json").exists() or (out / STATE_FILE).exists():
+        return out
+    return None
+
+
+def scaler_state(scaler) -> dict | None:
+    """fp16's GradScaler state (the loss scale it has settled on) as plain numbers, so that
+    train_state.pt loads with weights_only; None when no scaler is in use."""
+    if scaler is None or not scaler.is_enabled():
+        return None
+    return {k: (v.item() if torch.is_tensor(v) else v) for k, v in scaler.state_dict().items()}
+
+
 def save_checkpoint(out: Path, lm: MusicGenLM, base: str, step: int, cfg: TrainConfig, optimizer, scaler=None):
-    """The run folder is the checkpoint: config.json + model.safetensors (loadable by
-    MusicGen.from_pretrained) and train_state.pt for resuming. Each file is written atomically;
-    both carry the step, so a crash between the two writes is detected on resume."""
+    """Write step-N/ complete under a temporary name, rename it, switch `latest` to it, then delete
+    the checkpoint it replaces. The weights are checked first: a diverged model is never saved.
+    train_state.pt holds the optimizer, RNG and (fp16) loss-scaler states, tensors and numbers only."""
+    out = Path(out)
+    lm_state = lm.state_dict()
+    bad = next((k for k, v in lm_state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise Diverged(f"step {step}: weight {bad} holds NaN or infinite values; not saved "
+                       f"(the last good checkpoint in {out} is kept)")
+    previous = latest_checkpoint(out)
+    name = f"step-{step:08d}"
+    if previous is not None and previous.name == name:
+        return  # this very step is already saved (a Ctrl-C right after a scheduled save)
     state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "identity": cfg.identity()}
-    if scaler is not None and scaler.is_enabled():  # fp16: the loss scale it has settled on
-        state["scaler"] = scaler.state_dict()
-    write_atomic(out / STATE_FILE, lambda p: torch.save(state, p))
-    save_native(out, lm.state_dict(), lm.cfg, base, extra={"step": step, "train": cfg.to_json()})
+    if (scaled := scaler_state(scaler)) is not None:
+        state["scaler"] = scaled
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
+    try:
+        torch.save(state, tmp / STATE_FILE)
+        save_native(tmp, lm_state, lm.cfg, base, extra={"step": step, "train": cfg.to_json()})
+        for f in tmp.iterdir():
+            _fsync(f)
+        with_default_mode(tmp)
+        if (out / name).exists():  # a complete folder of a run killed before its pointer switch
+            shutil.rmtree(out / name)
+        os.rename(tmp, out / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_atomic(out / LATEST, lambda p: p.write_text(name + "\n"))
+    remove_stale(out)
+
+
+def remove_stale(out: Path):
+    """Delete what a save leaves behind when it is killed: temporary folders and files, step folders
+    the pointer does not name, and the files of the pre-step-folder layout once a step folder exists."""
+    out = Path(out)
+    keep = latest_checkpoint(out)
+    for path in out.iterdir():
+        stale = (path.name.startswith(".step-") or (path.name.startswith(".") and path.name.endswith(".tmp"))
+                 or (STEP_DIR.fullmatch(path.name) and path.is_dir() and path != keep))
+        if stale:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    if keep is not None and keep != out:
+        for old in ("config.json", "model.safetensors", STATE_FILE):
+            (out / old).unlink(missing_ok=True)
 
 
 def has_checkpoint(out: Path) -> bool:
-    return (out / "config.json").exists() or (out / STATE_FILE).exists()
+    return (Path(out) / LATEST).exists() or (Path(out) / "config.json").exists() or (Path(out) / STATE_FILE).exists()
 
 
 def check_resumable(out: Path, cfg: TrainConfig) -> dict:
     """Read and check a run folder before anything is built; returns its train state."""
-    if not (out / "config.json").exists() or not (out / STATE_FILE).exists():
-        raise UsageError(f"--resume: {out} holds no checkpoint (config.json and {STATE_FILE})")
-    config = read_config(out)
-    if not is_native(config) or "step" not in config:
-        raise UsageError(f"--resume: {out}/config.json is not a train.py checkpoint")
     try:
-        state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise UsageError(f"--resume: cannot read {out / STATE_FILE} ({type(e).__name__})") from None
+        ckpt = latest_checkpoint(out)
+    except LoadError as e:
+        raise UsageError(f"--resume: {e}") from None
+    if ckpt is None or not (ckpt / "config.json").exists() or not (ckpt / STATE_FILE).exists():
+        raise UsageError(f"--resume: {out} holds no checkpoint (a step folder with config.json and {STATE_FILE})")
+    config = read_config(ckpt)
+    if not is_native(config) or "step" not in config:
+        raise UsageError(f"--resume: {ckpt}/config.json is not a train.py checkpoint")
+    try:
+        state = safe_torch_load(ckpt / STATE_FILE, legacy_numpy=ckpt == Path(out))
+    except LoadError as e:
+        raise UsageError(f"--resume: {e}") from None
+    if not isinstance(state, dict) or not {"step", "optimizer", "rng", "identity"} <= set(state):
+        raise UsageError(f"--resume: {ckpt / STATE_FILE} is not a train.py state (written by an older version?)")
     if state.get("step") != config["step"]:
-        raise UsageError(f"--resume: {out} is inconsistent (model at step {config['step']}, optimizer at step "
+        raise UsageError(f"--resume: {ckpt} is inconsistent (model at step {config['step']}, optimizer at step "
                          f"{state.get('step')}); an interrupted save? resume from a copy of an earlier checkpoint")
     for k, v in cfg.identity().items():
         if state["identity"].get(k) != v:
@@ -375,10 +511,10 @@ def check_resumable(out: Path, cfg: TrainConfig) -> dict:
 
 
 def load_for_resume(out: Path):
-    """The pipeline from a run folder (T5 and EnCodec from the base it records) and that base."""
+    """The pipeline from a run folder's latest checkpoint (T5 and EnCodec from the base it records) and that base."""
     from .pipeline import MusicGen
 
-    return MusicGen.from_pretrained(str(out)), read_config(out).get("base")
+    return MusicGen.from_pretrained(str(out)), read_config(latest_checkpoint(out)).get("base")
 
 
 def log_metrics(out: Path, record: dict):

@@ -59,6 +59,18 @@ def test_genres_and_moods_build_the_stage_caption(tmp_path, capsys):
     sample.check_options(args)
     assert args.prompt == "Genres: rock, indie. Moods: energetic. "
     assert "caption: 'Genres: rock, indie. Moods: energetic. '" in capsys.readouterr().err
+    # every mode takes it: a stack of stems, a folder of songs
+    import numpy as np
+    import soundfile as sf
+
+    (tmp_path / "songs").mkdir()
+    sf.write(str(tmp_path / "songs" / "a.wav"), np.full(3200, 0.1, np.float32), 32000)
+    for mode in (["--context", str(tmp_path / "songs" / "a.wav"), "--stems", "drums,bass", "--model", "drums=d",
+                  "--model", "bass=b", "--out", str(tmp_path / "y.wav")],
+                 ["--context", str(tmp_path / "songs"), "--out", str(tmp_path / "out")]):
+        args = sample.parse_args(["--moods", "happy", *mode])
+        sample.check_options(args)
+        assert args.prompt == "Moods: happy. "
 
 
 @pytest.mark.parametrize("args, message", [

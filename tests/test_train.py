@@ -41,19 +41,25 @@ def args(setup, out, *extra, steps=4):
             "--lr", "1e-3", "--max-steps", str(steps), *extra]
 
 
+def checkpoint(run):
+    return T.latest_checkpoint(Path(run))
+
+
 def lm_weights(run):
-    return load_file(str(Path(run) / "model.safetensors"))
+    return load_file(str(checkpoint(run) / "model.safetensors"))
 
 
 def test_checkpoint_loads_and_resume_matches_uninterrupted(setup, tmp_path, monkeypatch):
     full = tmp_path / "full"
     train.main(args(setup, full, steps=5))
-    config = json.loads((full / "config.json").read_text())
+    assert (full / "latest").read_text().strip() == "step-00000005"
+    assert sorted(p.name for p in full.iterdir()) == ["latest", T.METRICS_FILE, "step-00000005"]  # older steps removed
+    config = json.loads((checkpoint(full) / "config.json").read_text())
     assert config["format"] == "stage_min" and config["step"] == 5 and config["train"]["data_cfg"]["target"] == "drums"
-    assert (full / T.STATE_FILE).exists()
+    assert (checkpoint(full) / T.STATE_FILE).exists()
     records = [json.loads(line) for line in (full / T.METRICS_FILE).read_text().splitlines()]
     assert any("loss" in r for r in records) and any("val_loss" in r and "val_loss_nocontext" in r for r in records)
-    assert not list(full.glob(".*.tmp"))  # atomic writes leave no temporary files
+    assert not list(full.glob(".*"))  # atomic writes leave no temporary files
 
     from stage_min.pipeline import MusicGen
 
@@ -81,14 +87,14 @@ def test_checkpoint_loads_and_resume_matches_uninterrupted(setup, tmp_path, monk
     with pytest.raises(SystemExit) as e:
         train.main(args(setup, part, steps=5))
     assert e.value.code == 130
-    assert json.loads((part / "config.json").read_text())["step"] == 2
+    assert json.loads((checkpoint(part) / "config.json").read_text())["step"] == 2
     monkeypatch.setattr(T, "make_batch", real)
     train.main(args(setup, part, "--resume", steps=5))
     a, b = lm_weights(full), lm_weights(part)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert json.loads((part / "config.json").read_text())["step"] == 5
+    assert json.loads((checkpoint(part) / "config.json").read_text())["step"] == 5
 
 
 def test_sample_py_runs_on_a_run_folder(setup, tmp_path):
@@ -117,7 +123,7 @@ def test_small_preset_starts_from_the_base_lm_with_a_context_token(setup, tmp_pa
     assert ref[2048].abs().max() > 0 and emb[2048].abs().max() == 0
     assert 0.5 < emb[2049].std().item() / (2 / 64) ** 0.5 < 1.5
     assert (emb[2049] - ref[:2048].mean(0)).norm() > 0.5
-    lm_cfg = json.loads((run / "config.json").read_text())["lm"]
+    lm_cfg = json.loads((checkpoint(run) / "config.json").read_text())["lm"]
     assert lm_cfg["n_special"] == 2 and lm_cfg["zero_special_row"] and not lm_cfg["attend_start_step"]
     # the options that keep MusicGen's own set-up instead
     run2 = tmp_path / "small_mean"
@@ -126,7 +132,7 @@ def test_small_preset_starts_from_the_base_lm_with_a_context_token(setup, tmp_pa
                 "--attend-start-step"])
     emb = lm_weights(run2)["lm.embed.0.weight"]
     assert torch.allclose(emb[:2049], ref, atol=1e-6) and torch.allclose(emb[2049], ref[:2048].mean(0), atol=1e-6)
-    lm_cfg = json.loads((run2 / "config.json").read_text())["lm"]
+    lm_cfg = json.loads((checkpoint(run2) / "config.json").read_text())["lm"]
     assert not lm_cfg["zero_special_row"] and lm_cfg["attend_start_step"]
 
 
@@ -162,7 +168,7 @@ def test_cli_errors_are_one_line(setup, tmp_path, capsys):
         code, err = run_cli(args(setup, tmp_path / "r") + extra, capsys)
         assert code == 2, (extra, err)
         assert len(err) == 1 and err[0].startswith("error:") and message in err[0], (extra, err)
-    assert not (tmp_path / "r" / "config.json").exists()
+    assert not (tmp_path / "r" / "latest").exists()
 
     run = tmp_path / "run"
     train.main(args(setup, run, steps=1))
@@ -177,7 +183,7 @@ def test_cli_errors_are_one_line(setup, tmp_path, capsys):
         assert code == 2 and len(err) == 1 and message in err[0], (extra, err)
     code, err = run_cli(args(setup, tmp_path / "empty", "--resume"), capsys)
     assert code == 2 and "holds no checkpoint" in err[0]
-    (run / T.STATE_FILE).write_bytes(b"broken")
+    (checkpoint(run) / T.STATE_FILE).write_bytes(b"broken")
     code, err = run_cli(args(setup, run, "--resume"), capsys)
     assert code == 2 and len(err) == 1 and "cannot read" in err[0]
 
@@ -232,3 +238,23 @@ def test_stage_effect_context_lowers_target_loss(setup, tmp_path):
           f"{last['val_loss_nocontext']:.3f} with the context dropped")
     assert last["val_loss"] < first["val_loss"] - 0.05  # it trained
     assert last["val_loss"] < last["val_loss_nocontext"] - 0.02  # and it uses the context
+
+
+def test_fp16_scaler_state_is_plain_numbers_and_loads_weights_only(tmp_path):
+    from stage_min.loading import safe_torch_load
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)  # the CUDA scaler's logic, on CPU
+    for _ in range(2):
+        scaler.scale((w ** 2).sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    state = T.scaler_state(scaler)
+    assert state["scale"] == 4096.0 and all(isinstance(v, (int, float)) for v in state.values())
+    torch.save({"scaler": state}, tmp_path / T.STATE_FILE)
+    restored = torch.amp.GradScaler("cpu")
+    restored.load_state_dict(safe_torch_load(tmp_path / T.STATE_FILE)["scaler"])
+    assert restored.get_scale() == 4096.0
+    assert T.scaler_state(None) is None and T.scaler_state(torch.amp.GradScaler("cpu", enabled=False)) is None

@@ -1,0 +1,215 @@
+"""Measure whether generated stems play along with their context (beat F-measure, FAD, KAD).
+
+    python evaluate.py beats AUDIO (--bpm 120 [--offset 0] | --beats beats.txt) [--tracker librosa|beat_this]
+    python evaluate.py tempo --model M --bpm 100,110,120,130,140,150,160,170 --seeds 3 --seconds 10 --out DIR [--prompt ...]
+    python evaluate.py accompany --model M --data DIR --target drums --out DIR2 [--songs N] [--seconds S]
+
+beats prints one JSON line. tempo and accompany write DIR/results.json, DIR/results.csv, DIR/report.png
+and the audio under DIR/audio/. See the README's Evaluation section for every field.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from stage_min.audio import AudioError, load_audio
+from stage_min.evaluation import TRACKERS, EvalError, check_seconds
+
+SAMPLE_RATE = 32000  # `beats` scores audio at EnCodec's rate, as the experiments do
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def add_model_options(p):
+    p.add_argument("--model", required=True, help="model folder, checkpoint file or hub id (as sample.py)")
+    p.add_argument("--t5", default=None, help="t5-base folder or hub id, for audiocraft / official STAGE checkpoints")
+    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance coefficient (1 = off)")
+    p.add_argument("--top-k", type=int, default=250)
+    p.add_argument("--top-p", type=float, default=0.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=8, help="stems generated per call")
+    p.add_argument("--tracker", default="librosa", choices=TRACKERS)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def parse_args(argv=None):
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("beats", help="score one audio file's beats")
+    b.add_argument("audio")
+    b.add_argument("--bpm", type=float, help="reference: a steady tempo...")
+    b.add_argument("--offset", type=float, default=0.0, help="...whose first beat is at this time (s)")
+    b.add_argument("--beats", help="reference: a beats.txt file (one '<seconds> [<position in bar>]' per line)")
+    b.add_argument("--tracker", default="librosa", choices=TRACKERS)
+    t = sub.add_parser("tempo", help="stems from click tracks, scored against the clicks")
+    add_model_options(t)
+    t.add_argument("--bpm", default="100,110,120,130,140,150,160,170", help="comma-separated tempos")
+    t.add_argument("--seeds", type=int, default=3, help="stems per tempo (seeds 0..N-1)")
+    t.add_argument("--seconds", type=float, default=10.0, help="length of each stem")
+    t.add_argument("--prompt", default="", help="text prompt for every stem")
+    a = sub.add_parser("accompany", help="stems for held-out songs of a dataset, scored against the songs")
+    add_model_options(a)
+    a.add_argument("--data", required=True, help="dataset folder (the layouts train.py reads)")
+    a.add_argument("--target", required=True, help="stem to generate: drums, bass, ...")
+    a.add_argument("--songs", type=int, default=None, help="at most this many held-out songs (default: all)")
+    a.add_argument("--seconds", type=float, default=10.0, help="window per song")
+    a.add_argument("--prompt", default=None, help="text prompt (default: each song's caption.txt, else empty)")
+    a.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+# ---- checks that need no model ------------------------------------------------------------------
+def parse_bpms(text: str) -> list[float]:
+    bpms = []
+    for item in text.split(","):
+        try:
+            bpm = float(item)
+        except ValueError:
+            raise EvalError(f"--bpm: {item.strip()!r} is not a number (want e.g. 100,120,140)") from None
+        if not (bpm > 0 and np.isfinite(bpm)):
+            raise EvalError(f"--bpm: every tempo must be > 0, got {item.strip()}")
+        bpms.append(bpm)
+    return bpms
+
+
+def check_common(args):
+    from stage_min.generate import SamplingConfig
+
+    args.sampling = SamplingConfig(cfg_coef=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
+    args.sampling.check()
+    check_seconds(args.seconds)
+    if args.batch_size < 1:
+        raise EvalError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise EvalError("report.png needs matplotlib: pip install -e .[eval]")
+    if args.tracker == "beat_this" and importlib.util.find_spec("beat_this") is None:
+        raise EvalError("the beat_this tracker is not installed: pip install beat-this")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"--out {out} is a file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EvalError(f"--out {out}: cannot create it ({e.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise EvalError(f"--out {out} is not writable")
+
+
+def pick_device(name):
+    import torch
+
+    device = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise EvalError(f"--device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvalError("--device cuda asked for, but no CUDA device is available")
+    return device
+
+
+def load_model(args):
+    from stage_min.pipeline import MusicGen
+
+    model = MusicGen.from_pretrained(args.model, device=pick_device(args.device), stage=True, t5=args.t5)
+    if model.context_token_added:
+        print(f"warning: {args.model} is a plain MusicGen, not a STAGE model: its context token is untrained, "
+              "so its stems cannot follow a context", file=sys.stderr)
+    return model
+
+
+# ---- the three commands -------------------------------------------------------------------------
+def run_beats(args):
+    from stage_min import evaluation as E
+
+    if (args.bpm is None) == (args.beats is None):
+        raise EvalError("give the reference as --bpm or as --beats, one of them")
+    if args.bpm is not None and not (args.bpm > 0 and np.isfinite(args.bpm)):
+        raise EvalError(f"--bpm must be > 0, got {args.bpm:g}")
+    if not (args.offset >= 0 and np.isfinite(args.offset)):
+        raise EvalError(f"--offset must be >= 0, got {args.offset:g}")
+    audio = load_audio(args.audio, SAMPLE_RATE)
+    if args.beats is not None:
+        from stage_min.data import parse_beats
+
+        try:
+            reference = parse_beats(Path(args.beats).read_text())[0]
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise EvalError(f"--beats {args.beats}: {getattr(e, 'strerror', None) or e}") from None
+    else:
+        from stage_min.metronome import beat_times
+
+        reference = beat_times(args.bpm, len(audio) / SAMPLE_RATE, args.offset)
+    scores = E.beat_scores(audio, SAMPLE_RATE, reference, args.tracker)
+    line = {"audio": args.audio, "tracker": args.tracker, **scores, "beats": [round(float(t), 3) for t in scores["beats"]]}
+    print(json.dumps(E.jsonable(line)))
+
+
+def run_tempo(args):
+    from stage_min import evaluation as E
+
+    bpms = parse_bpms(args.bpm)
+    if args.seeds < 1:
+        raise EvalError(f"--seeds must be >= 1, got {args.seeds}")
+    check_common(args)
+    model = load_model(args)
+    results = E.tempo_experiment(model, bpms, args.seeds, args.seconds, args.prompt, args.out, args.sampling,
+                                 args.tracker, args.batch_size)
+    finish({"model": args.model, **results}, args.out,
+           f"beat F-measure {results['mean']:.3f} with the click track, {results['mean_nocontext']:.3f} without")
+
+
+def run_accompany(args):
+    from stage_min import evaluation as E
+
+    if args.songs is not None and args.songs < 1:
+        raise EvalError(f"--songs must be >= 1, got {args.songs}")
+    check_common(args)
+    val_fraction, split_seed = E.train_split(args.model)
+    E.held_out_songs(args.data, args.target.lower(), val_fraction, split_seed)  # a bad --data fails before the model loads
+    model = load_model(args)
+    results = E.accompany_experiment(model, args.data, args.target.lower(), args.out, args.songs, args.seconds, args.prompt,
+                                     args.sampling, args.seed, args.tracker, args.batch_size, val_fraction, split_seed)
+    finish({"model": args.model, "data": str(args.data), **results}, args.out,
+           f"beat F-measure {results['mean']:.3f} with the context, {results['mean_nocontext']:.3f} without, "
+           f"{results['mean_reference']:.3f} for the reference stems; fad_encodec {results['fad_encodec']:.4g} "
+           f"(without context {results['fad_encodec_nocontext']:.4g}), kad_encodec {results['kad_encodec']:.4g} "
+           f"(without context {results['kad_encodec_nocontext']:.4g})")
+
+
+def finish(results, out, summary):
+    from stage_min import evaluation as E
+
+    written = E.write_results(results, out) + [E.write_report(results, out)]
+    print(summary)
+    print("wrote " + ", ".join(str(p) for p in written) + f" and {len(results['rows'])} row(s) of audio in {Path(out) / 'audio'}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        {"beats": run_beats, "tempo": run_tempo, "accompany": run_accompany}[args.command](args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # every failure a user can cause ends in one line, never a traceback
+        from stage_min.data import DataError
+        from stage_min.loading import LoadError
+
+        if not isinstance(e, (EvalError, DataError, LoadError, AudioError, ValueError, OSError)):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

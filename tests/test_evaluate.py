@@ -1,0 +1,220 @@
+"""evaluate.py and stage_min.evaluation: beat scores on click tracks, FAD/KAD, both experiments end to
+end on a tiny random STAGE checkpoint, and every bad input."""
+import csv
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from stage_min import evaluation as E
+from stage_min.metronome import beat_times, metronome
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import evaluate  # noqa: E402
+
+SR = 32000
+
+
+# ---- beat scores ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("bpm, seconds", [(100, 4.0), (120, 8.0), (179, 6.0)])
+def test_click_track_against_its_own_tempo_scores_high(bpm, seconds):
+    # 4 s: with mir_eval's usual trimming of beats before 5 s there would be nothing left to score
+    s = E.beat_scores(metronome(bpm, seconds), SR, beat_times(bpm, seconds))
+    assert s["f_measure"] >= 0.95
+    assert abs(s["tempo_bpm"] - bpm) < 0.03 * bpm
+    assert s["n_beats"] == len(s["beats"]) and s["n_reference_beats"] == len(beat_times(bpm, seconds))
+
+
+@pytest.mark.parametrize("reference_bpm", [102, 138])  # 15 % off 120
+def test_click_track_against_a_tempo_15_percent_off_scores_low(reference_bpm):
+    assert E.beat_scores(metronome(120, 8.0), SR, beat_times(reference_bpm, 8.0))["f_measure"] < 0.4
+
+
+@pytest.mark.parametrize("shift", [0.1, -0.1])
+def test_click_track_shifted_by_100ms_scores_near_zero(shift):
+    reference = beat_times(120, 8.0) + shift
+    assert E.beat_scores(metronome(120, 8.0), SR, reference[reference >= 0])["f_measure"] < 0.1
+
+
+def test_f_measure_edge_cases_and_one_tracker_for_training_data():
+    assert np.isnan(E.f_measure([], [1.0, 2.0]))  # no reference: undefined, left out of means
+    assert E.f_measure([1.0, 2.0], []) == 0.0
+    assert np.isnan(E.tempo_of([1.0]))
+    from stage_min import data as D
+
+    click = metronome(120, 4.0)  # training data's tracker adds downbeats; its beat times are evaluation's
+    assert np.array_equal(D.track_beats(click, SR)[0], E.track_beats(click, SR))
+    with pytest.raises(E.EvalError, match="unknown beat tracker"):
+        E.track_beats(np.zeros(SR), SR, "madmom")
+
+
+# ---- FAD / KAD ------------------------------------------------------------------------------------
+def test_fad_and_kad_near_zero_for_the_same_set_and_grow_with_noise():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 8)) @ rng.normal(size=(8, 8)) + 1
+    assert abs(E.fad(x, x)) < 1e-8
+    assert abs(E.kad(x, x)) < 200 / len(x)  # -(200/n)(1 - mean kernel): see kad's docstring
+    y = rng.normal(size=(300, 8)) @ rng.normal(size=(8, 8)) + 1  # another draw, other covariance
+    noise = rng.normal(size=x.shape)
+    fads = [E.fad(x + s * noise, x) for s in (0, 0.1, 0.3, 1, 3)]
+    kads = [E.kad(x + s * noise, x) for s in (0, 0.1, 0.3, 1, 3)]
+    assert all(a < b for a, b in zip(fads, fads[1:])) and all(a < b for a, b in zip(kads, kads[1:]))
+    assert fads[-1] > 10 and kads[-1] > 1 and E.fad(y, x) > fads[1]
+    with pytest.raises(E.EvalError, match="at least 2 rows"):
+        E.fad(x[:1], x)
+
+
+# ---- end to end on a tiny random checkpoint -------------------------------------------------------
+@pytest.fixture(scope="module")
+def stage_run(tiny_hf, tmp_path_factory):
+    """A STAGE checkpoint in our native layout (LM with the context token; T5/EnCodec from the base)."""
+    from stage_min.loading import save_native
+    from stage_min.pipeline import MusicGen
+
+    model = MusicGen.from_pretrained(str(tiny_hf[0]), stage=True)
+    run = tmp_path_factory.mktemp("stage_run")
+    save_native(run, model.lm.state_dict(), model.lm.cfg, base=str(tiny_hf[0]))
+    return run
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from stage_min.synth import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("songs"), 3, seconds=3.0)
+
+
+def read_outputs(out: Path) -> tuple[dict, list]:
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((out / "results.json").read_text())
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(results["rows"])
+    return results, table
+
+
+def test_tempo_end_to_end(stage_run, tmp_path, capsys):
+    out = tmp_path / "tempo"
+    evaluate.main(["tempo", "--model", str(stage_run), "--bpm", "100,140", "--seeds", "2", "--seconds", "1.5",
+                   "--out", str(out), "--prompt", "rock drums", "--batch-size", "1"])
+    assert "with the click track" in capsys.readouterr().out
+    results, table = read_outputs(out)
+    assert results["model"] == str(stage_run) and results["bpms"] == [100, 140] and results["seeds"] == [0, 1]
+    rows = results["rows"]
+    assert sorted((r["bpm"], r["seed"]) for r in rows) == [(100, 0), (100, 1), (140, 0), (140, 1)]
+    for r in rows:
+        for key in ("f_measure", "f_measure_nocontext"):
+            assert 0 <= r[key] <= 1
+        assert r["reference_beats"] == pytest.approx(beat_times(r["bpm"], 1.5), abs=1e-3)
+        for key in ("audio", "audio_nocontext"):
+            assert sf.info(str(out / r[key])).frames == 75 * 640  # 1.5 s: 75 frames of 20 ms
+        assert (out / r["audio"].replace(".wav", "_mix.wav")).exists()
+    assert results["mean"] == pytest.approx(np.mean([r["f_measure"] for r in rows]))
+    assert results["mean_nocontext"] == pytest.approx(np.mean([r["f_measure_nocontext"] for r in rows]))
+    assert [p["bpm"] for p in results["per_bpm"]] == [100, 140]
+    assert {"bpm", "seed", "f_measure", "f_measure_nocontext", "tempo_bpm", "n_beats"} <= set(table[0])
+    assert "beats" not in table[0]  # lists stay in the JSON
+
+
+def test_accompany_end_to_end(stage_run, dataset, tmp_path, capsys):
+    out = tmp_path / "acc"
+    evaluate.main(["accompany", "--model", str(stage_run), "--data", str(dataset), "--target", "drums",
+                   "--seconds", "1.5", "--out", str(out)])
+    assert "fad_encodec" in capsys.readouterr().out
+    results, table = read_outputs(out)
+    from stage_min.data import find_songs, split_songs
+
+    _, held = split_songs(find_songs(dataset), 0.1, 0)  # train.py's defaults
+    assert [r["song"] for r in results["rows"]] == [s.name for s in held] and results["n_songs"] == len(held)
+    for key in ("fad_encodec", "kad_encodec", "fad_encodec_nocontext", "kad_encodec_nocontext"):
+        assert np.isfinite(results[key])
+    assert results["fad_encodec"] >= 0
+    row = results["rows"][0]
+    for key in ("f_measure", "f_measure_nocontext", "f_measure_reference"):
+        assert 0 <= row[key] <= 1
+    assert sorted(row["context_stems"]) == ["bass", "chords"] and table[0]["context_stems"] == "bass+chords"
+    beats_txt = np.loadtxt(Path(dataset) / row["song"] / "beats.txt")[:, 0]
+    assert row["reference_beats"] == pytest.approx(beats_txt[beats_txt < 1.5], abs=1e-3)  # window at 0 s
+    for suffix in ("generated", "nocontext", "reference", "context", "mix"):
+        assert sf.info(str(out / "audio" / f"{row['song']}_{suffix}.wav")).frames == 75 * 640
+    assert row["prompt"] == (Path(dataset) / row["song"] / "caption.txt").read_text().strip()
+
+
+def test_codec_embeddings_are_pre_quantisation_latents_per_frame(stage_run):
+    from stage_min.pipeline import MusicGen
+
+    model = MusicGen.from_pretrained(str(stage_run))
+    emb = E.codec_embeddings(model, [np.zeros(640 * 10, np.float32), 0.1 * np.ones(640 * 5, np.float32)])
+    assert emb.shape == (15, model.codec.model.config.hidden_size)
+
+
+# ---- bad input --------------------------------------------------------------------------------------
+def bad_cases(d, model, data):
+    tempo = ["tempo", "--model", model, "--out", f"{d}/out", "--seconds", "1"]
+    acc = ["accompany", "--model", model, "--target", "drums", "--out", f"{d}/out", "--seconds", "1"]
+    return [
+        (["beats", f"{d}/missing.wav", "--bpm", "120"], "no such file"),
+        (["beats", f"{d}/click.wav"], "give the reference as --bpm or as --beats"),
+        (["beats", f"{d}/click.wav", "--bpm", "0"], "--bpm must be > 0"),
+        (["beats", f"{d}/click.wav", "--beats", f"{d}/missing.txt"], "No such file"),
+        (["beats", f"{d}/click.wav", "--beats", f"{d}/bad_beats.txt"], "expected '<seconds>"),
+        (["beats", f"{d}/click.wav", "--bpm", "120", "--tracker", "madmom"], "invalid choice"),
+        (["tempo", "--model", f"{d}/no_model", "--out", f"{d}/out", "--seconds", "1", "--bpm", "120"], "not found"),
+        (tempo + ["--bpm", "100,abc"], "'abc' is not a number"),
+        (tempo + ["--bpm", "100,0"], "every tempo must be > 0"),
+        (tempo + ["--bpm", "-90"], "every tempo must be > 0"),
+        (tempo + ["--bpm", "100,nan"], "every tempo must be > 0"),
+        (tempo + ["--seeds", "0"], "--seeds must be >= 1"),
+        (tempo + ["--seconds", "0"], "--seconds must be > 0"),
+        (tempo + ["--seconds", "20"], "--seconds at most"),
+        (tempo + ["--temperature", "0"], "temperature must be > 0"),
+        (tempo + ["--out", f"{d}/click.wav"], "is a file"),
+        (acc + ["--data", f"{d}/empty"], "no songs in"),
+        (acc + ["--data", f"{d}/missing_data"], "does not exist"),
+        (acc + ["--data", str(data), "--target", "piano"], "has a 'piano' stem"),
+        (acc + ["--data", f"{d}/silent"], "no usable held-out song"),
+        (acc + ["--data", str(data), "--songs", "0"], "--songs must be >= 1"),
+    ]
+
+
+def make_bad_inputs(d: Path):
+    sf.write(d / "click.wav", metronome(120, 2.0), SR)
+    (d / "bad_beats.txt").write_text("0.5\nabc\n")
+    (d / "empty").mkdir()
+    for song in ("a", "b"):  # two songs (one held out), both silent
+        (d / "silent" / song).mkdir(parents=True)
+        for stem in ("drums", "bass"):
+            sf.write(d / "silent" / song / f"{stem}.wav", np.zeros(2 * SR), SR)
+
+
+def test_bad_input_one_line_exit_2(stage_run, dataset, tmp_path, capsys):
+    make_bad_inputs(tmp_path)
+    for argv, message in bad_cases(tmp_path, str(stage_run), dataset):
+        with pytest.raises(SystemExit) as exit_:
+            evaluate.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2, argv
+        errors = [line for line in err if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], (argv, err)
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_without_matplotlib_the_error_names_the_extra(stage_run, tmp_path, capsys, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(["tempo", "--model", str(stage_run), "--out", str(tmp_path / "o"), "--seconds", "1"])
+    assert exit_.value.code == 2 and "pip install -e .[eval]" in capsys.readouterr().err
+
+
+def test_bad_input_as_a_user_sees_it(tmp_path):
+    """One real subprocess: one line on stderr, no traceback."""
+    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "tempo", "--model", str(tmp_path / "none"),
+                        "--out", str(tmp_path / "o"), "--bpm", "120,fast"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --bpm: 'fast' is not a number (want e.g. 100,120,140)"]

@@ -1,0 +1,78 @@
+"""The toy STAGE: its songs, its codec recipe, the one-command rebuild (a few steps), and the shipped model."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stage_min import synth
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = ROOT / "weights" / "stage-toy"
+
+
+def test_toy_songs_cover_tempi_meters_and_kits():
+    rng = np.random.default_rng(0)
+    songs = [synth.make_song(rng, 6.0, style=synth.TOY) for _ in range(60)]
+    bpms = [s["bpm"] for s in songs]
+    assert 70 <= min(bpms) < 85 and 165 < max(bpms) <= 180
+    assert {s["beats_per_bar"] for s in songs} == {3, 4, 5}
+    assert all(s["caption"].startswith("Genres: ") and ". Moods: " in s["caption"] for s in songs)
+    assert len({s["caption"].split(".")[0] for s in songs}) == len(synth.KITS)
+    for s in songs[:5]:  # beats on the song's grid, position 1 every beats_per_bar beats
+        times = np.array([t for t, _ in s["beats"]])
+        np.testing.assert_allclose(np.diff(times), 60 / s["bpm"], atol=1 / 32000)
+        assert [p for _, p in s["beats"]][:s["beats_per_bar"] + 1] == [*range(1, s["beats_per_bar"] + 1), 1]
+
+
+def test_default_songs_unchanged():
+    """The original synthetic songs (used by the training tests) are drawn exactly as before."""
+    song = synth.make_song(np.random.default_rng(2), 4.0)
+    assert song["caption"].endswith(("major", "minor")) and song["beats_per_bar"] == 4
+    period = np.diff([t for t, _ in song["beats"]])[0] * 32000
+    assert period % synth.FRAME == 0 and 91 < song["bpm"] < 151
+
+
+def test_codec_recipe_runs_and_fits_codebooks():
+    from stage_min.codec_train import CodecTrainConfig, roundtrip, train_codec
+
+    cfg = CodecTrainConfig(songs=1, song_seconds=3.0, steps=2, finetune_steps=1, batch_size=2, kmeans_frames=1000,
+                           codebook_size=16)
+    model = train_codec(cfg, log=lambda s: None)
+    assert model.config.num_quantizers == 4
+    for layer in model.quantizer.layers:  # k-means gave distinct centroids
+        assert torch.unique(layer.codebook.embed, dim=0).shape[0] > 8
+    audio = synth.make_song(np.random.default_rng(1), 2.0, style=synth.TOY)["drums"]
+    assert roundtrip(model, audio).shape == audio.shape
+
+
+def test_toy_rebuild_command_runs_a_few_steps(tmp_path):
+    """`python -m stage_min.toy` end to end at toy-of-a-toy size: songs, codec, base, LM, package."""
+    from stage_min import toy
+    from stage_min.pipeline import MusicGen
+
+    out = tmp_path / "model"
+    toy.main([str(out), "--work", str(tmp_path / "work"), "--songs", "5", "--song-seconds", "5", "--steps", "2",
+              "--codec-steps", "2", "--codec-songs", "1"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["window_seconds"] == toy.WINDOW_SECONDS and config["trained_steps"] == 2
+    model = MusicGen.from_pretrained(str(out))
+    assert model.window_frames == round(toy.WINDOW_SECONDS * 50) and model.lm.cfg.card == 256
+    audio, codes = model.accompany([torch.zeros(32000)], [""], 25, seed=0)
+    assert audio.shape == (1, 1, 25 * 640) and codes.shape == (1, 4, 25)
+
+
+@pytest.mark.skipif(not (TOY / "config.json").exists(), reason="weights/stage-toy is not built")
+def test_shipped_toy_loads_small_and_fp16():
+    from safetensors import safe_open
+
+    from stage_min.pipeline import MusicGen
+
+    size = sum(f.stat().st_size for f in TOY.iterdir())
+    assert size <= 20 * 2**20
+    with safe_open(str(TOY / "model.safetensors"), framework="pt") as f:
+        assert f.get_tensor(next(k for k in f.keys() if k.startswith("lm."))).dtype == torch.float16
+    model = MusicGen.from_pretrained(str(TOY))
+    assert next(model.lm.parameters()).dtype == torch.float32
+    assert all(torch.isfinite(p).all() for p in model.parameters())
