@@ -56,7 +56,8 @@ def parse_args(argv=None):
                    "the stems before it; writes OUT_NAME.wav per stem and the full mix (--mix-out, default OUT_mix.wav)")
     p.add_argument("--continue", dest="continuation", help="a stem's first part (audio file): generation continues it")
     p.add_argument("--window", type=float, default=10.0, help="a context longer than this is accompanied in windows "
-                   "of this many seconds (10: the training windows)")
+                   "of this many seconds (10: the training windows; a model trained on one fixed window, such as the toy, "
+                   "always uses its own, overlapping by half)")
     p.add_argument("--overlap", type=float, default=5.0, help="seconds of each window's stem given by the previous window")
     p.add_argument("--batch", type=int, default=4, help="--context FOLDER: songs per batch")
     p.add_argument("--t5", default=None, help="t5-base folder or hub id, for audiocraft / official STAGE checkpoints")

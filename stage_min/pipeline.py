@@ -68,6 +68,14 @@ class MusicGen(torch.nn.Module):
         row with a dropped context looks like. A plain MusicGen gets its own grid."""
         sampling = sampling or SamplingConfig()
         sampling.check()
+        window = getattr(self, "window_frames", None)
+        if window and n_frames > window and self.lm.cfg.n_special >= 2:  # fixed-window STAGE: text alone in windows
+            from .songs import accompany_songs
+
+            silence = [torch.zeros(n_frames * self.codec.hop) for _ in prompts]
+            out = accompany_songs(self, silence, prompts, sampling=sampling, seed=seed, progress=progress,
+                                  compile=compile, drop_context=True)
+            return torch.stack([a for a, _ in out])[:, None], torch.stack([c for _, c in out])
         K, special = self.lm.cfg.n_codebooks, self.lm.cfg.special_id
         if self.lm.cfg.n_special >= 2:
             no_context = torch.zeros(len(prompts), K, 0, dtype=torch.long, device=self.device)
@@ -101,7 +109,14 @@ class MusicGen(torch.nn.Module):
         sampling = sampling or SamplingConfig()
         sampling.check()
         n_out, window, hop = n_frames, getattr(self, "window_frames", None), self.codec.hop
-        if window and n_frames <= window:  # the geometry it was trained on: context and stem one window long
+        if window and n_frames > window:  # a model trained on one fixed window: longer stems in windows
+            from .songs import accompany_songs
+
+            beds = [torch.nn.functional.pad(torch.as_tensor(c, dtype=torch.float32)[:n_frames * hop],
+                                            (0, max(0, n_frames * hop - len(c)))) for c in contexts]
+            out = accompany_songs(self, beds, prompts, sampling=sampling, seed=seed, progress=progress, compile=compile)
+            return torch.stack([a for a, _ in out])[:, None], torch.stack([c for _, c in out])
+        if window:  # the geometry it was trained on: context and stem one window long
             contexts = [torch.nn.functional.pad(torch.as_tensor(c, dtype=torch.float32)[:window * hop],
                                                 (0, max(0, window * hop - len(c)))) for c in contexts]
             n_frames = window

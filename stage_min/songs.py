@@ -59,12 +59,15 @@ def _as_numpy(audio) -> np.ndarray:
     return audio
 
 
-def _window_rows(model, songs, stems, windows, guidance):
-    """generation_rows for one round: row j is window windows[j] of song songs[j] (whole frames)."""
+def _window_rows(model, songs, stems, windows, guidance, drop_context=False):
+    """generation_rows for one round: row j is window windows[j] of song songs[j] (whole frames).
+    drop_context: every context removed, as in training's dropped-context rows (the text-only baseline)."""
     cfg, hop = model.lm.cfg, model.codec.hop
     n_target = max(end - start for start, _, end in windows)
     context, lengths = encode_contexts(model.codec, [s[start * hop:end * hop] for s, (start, _, end) in zip(songs, windows)],
                                        cfg.special_id, model.device)
+    if drop_context:
+        lengths = torch.zeros_like(lengths)
     given = torch.full((len(songs), cfg.n_codebooks, n_target), cfg.special_id, dtype=torch.long, device=model.device)
     for j, (stem, (start, done, _)) in enumerate(zip(stems, windows)):
         given[j, :, :done - start] = stem[:, start:done]
@@ -75,11 +78,12 @@ def _window_rows(model, songs, stems, windows, guidance):
 def accompany_songs(model, songs: list, prompts: list[str], window_s: float = 10.0, overlap_s: float = 5.0,
                     continuations: list | None = None, sampling: SamplingConfig | None = None,
                     seed: int | None = None, progress: bool = False, compile: bool = False,
-                    on_window=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                    on_window=None, drop_context: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One stem per song (mono audio at model.sample_rate, any lengths), each exactly as long as its
     song. The songs are batched: round r runs every song's r-th window as one batch of rows.
     continuations: per song None or a stem's first part (audio), kept and continued.
     on_window(round, rows, windows, frames): called after each round (tests, logging).
+    drop_context: the songs only set the length; the stems follow the text alone (a baseline).
     Returns per song (audio (samples,) fp32 on the CPU, codes (K, frames))."""
     if model.lm.cfg.n_special < 2:
         raise ValueError("this model has no context token; load it with stage=True or use a STAGE checkpoint")
@@ -87,9 +91,12 @@ def accompany_songs(model, songs: list, prompts: list[str], window_s: float = 10
     sampling.check()
     cfg, hop, rate = model.lm.cfg, model.codec.hop, model.codec.frame_rate
     window, overlap = round(window_s * rate), round(overlap_s * rate)
+    fixed = getattr(model, "window_frames", None)
+    if fixed:  # a model trained on one fixed window (the toy) only knows that geometry: half of it overlaps
+        window, overlap = fixed, fixed // 2
     songs = [_as_numpy(s) for s in songs]
     n_samples = [len(s) for s in songs]
-    n_frames = [math.ceil(n / hop) for n in n_samples]
+    n_frames = [max(math.ceil(n / hop), fixed or 0) for n in n_samples]  # a short song is padded to the window
     songs = [np.pad(s, (0, f * hop - len(s))).astype(np.float32) for s, f in zip(songs, n_frames)]
     stems = [torch.full((cfg.n_codebooks, f), cfg.special_id, dtype=torch.long, device=model.device) for f in n_frames]
     n_given = [0] * len(songs)
@@ -108,7 +115,7 @@ def accompany_songs(model, songs: list, prompts: list[str], window_s: float = 10
         rows = [i for i, plan in enumerate(plans) if r < len(plan)]
         windows = [plans[i][r] for i in rows]
         grid, known, keep, C = _window_rows(model, [songs[i] for i in rows], [stems[i] for i in rows], windows,
-                                            sampling.cfg_coef != 1.0)
+                                            sampling.cfg_coef != 1.0, drop_context)
         out = generate_tokens(model.lm, grid, known, text[rows], text_mask[rows], sampling, keep=keep,
                               generator=generator, step_fn=step_fn, free_cache=not compile)
         frames = delay.deinterleave(out)[:, :, C + 1:]  # the target frames of each row
@@ -118,7 +125,7 @@ def accompany_songs(model, songs: list, prompts: list[str], window_s: float = 10
         if on_window is not None:
             on_window(r, rows, windows, frames)
     bar.close()
-    return [(decode_long(model.codec, stem)[:n], stem) for stem, n in zip(stems, n_samples)]
+    return [(decode_long(model.codec, stem)[:n], stem[:, :math.ceil(n / hop)]) for stem, n in zip(stems, n_samples)]
 
 
 def accompany_song(model, song, prompt: str = "", window_s: float = 10.0, overlap_s: float = 5.0,

@@ -16,7 +16,7 @@ odd number of frames).
 """
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -89,9 +89,12 @@ class Style:
     kick_on_beats: bool = False  # a kick on every beat (four on the floor), random ones between
     p_kick: float = P_KICK  # chance of a (further) kick on each eighth note
     offbeat_hats: float = 1.0  # level of the hats between beats (eighths, and sixteenths when busy)
+    p_tempo_change: float = 0.0  # chance that a bar starts a new tempo (with `bpm`): the drums' own past
+    # then cannot tell when the next beat falls, only the context can
 
 
 TOY = Style(bpm=(70.0, 180.0), meters=(3, 4, 5), kits=tuple(KITS), kick_on_beats=True, p_kick=0.2, offbeat_hats=0.0)
+TOY_TEMPO_CHANGES = replace(TOY, p_tempo_change=0.5)  # the toy's second training phase
 
 
 def make_song(rng: np.random.Generator, seconds: float, sr: int = SAMPLE_RATE, style: Style = Style()) -> dict:
@@ -124,8 +127,11 @@ def make_song(rng: np.random.Generator, seconds: float, sr: int = SAMPLE_RATE, s
     kick_hit = kick(kick_hz)
     progression = [0, 5, 7, 3 if minor else 9]  # i-iv-v-(VI/vi) in semitones
     bar = 0
-    while offset + bar * per_bar * period < n:
-        start = offset + bar * per_bar * period
+    start = offset
+    while start < n:
+        if bar and style.p_tempo_change and rng.random() < style.p_tempo_change:  # a new tempo from this bar on
+            period = int(round(60 * sr / rng.uniform(*style.bpm)))
+            eighth = period // 2
         for b in range(per_bar):
             beats.append((start + b * period) / sr)
             positions.append(b + 1)
@@ -149,6 +155,7 @@ def make_song(rng: np.random.Generator, seconds: float, sr: int = SAMPLE_RATE, s
                 _add(chords, start + e * eighth, pad(chord, 0.7 * eighth / sr))
         else:
             _add(chords, start, pad(chord, per_bar * period / sr))
+        start += per_bar * period
         bar += 1
     beats_in = [(t, p) for t, p in zip(beats, positions) if t < seconds]
     name = f"{NOTES[root]} {'minor' if minor else 'major'}"

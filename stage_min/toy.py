@@ -4,10 +4,14 @@
 
 Steps, each kept in the work folder so that a stopped run picks up where it was:
 1. songs: synthetic songs in `synth.TOY` style (70-180 BPM, 3/4, 4/4 and 5/4, three fixed kits named in
-   the caption) -> WORK/songs;
+   the caption) -> WORK/songs, and songs whose tempo changes between bars -> WORK/songs2;
 2. codec: a small EnCodec-architecture codec trained on such audio (`codec_train`) -> WORK/codec;
 3. base: a tiny random T5 and sentencepiece model with that codec, in transformers' layout -> WORK/base;
-4. lm: `train.py --preset tiny` on the songs, with the toy's options (TRAIN_OPTIONS) -> WORK/lm;
+4. lm: `train.py --preset tiny` with the toy's options (TRAIN_OPTIONS) -> WORK/lm, first on the steady
+   songs (it learns the kits and to keep a beat going), then, resumed, on the tempo-change songs: a steady
+   song's drums can keep time from their own past after the first beats, so the context lowers the loss
+   very little and the model hardly learns to read it; where the tempo changes, only the context says
+   when the next beat falls;
 5. package: the run exported self-contained (native layout, fp16) -> OUT, with the geometry it was
    trained on recorded in config.json so that generation uses the same one.
 
@@ -23,20 +27,17 @@ import sys
 import time
 from pathlib import Path
 
+from . import synth
 from .codec_train import CodecTrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 WINDOW_SECONDS = 4.0
+VAL_FRACTION = 0.02  # 20 of 1000 songs held out, for the accompaniment evaluation
 TRAIN_OPTIONS = [  # train.py options of the toy LM (beside --data/--out/--base/--max-steps)
     "--target", "drums", "--preset", "tiny", "--dim", "128", "--layers", "4", "--heads", "4",
     "--target-seconds", str(WINDOW_SECONDS), "--context-min", str(WINDOW_SECONDS), "--context-max", str(WINDOW_SECONDS),
-    "--batch-size", "16", "--lr", "1e-3", "--eval-every", "250", "--save-every", "250", "--eval-windows", "64",
-    "--val-fraction", "0.02",
-    # the toy's own recipe, not the original STAGE's (train.py's defaults): synthetic songs' chords may be
-    # in a context (the original's stem list is MoisesDB's), no augmentation, bf16, global-norm clipping,
-    # MusicGen's start step and special row, loss on every step
-    "--context-stems", "all", "--no-augment", "--precision", "bf16", "--clip-mode", "norm", "--no-decay-1d",
-    "--loss-all-steps", "--train-special-row", "--attend-start-step",
+    "--batch-size", "8", "--lr", "1e-3", "--eval-every", "250", "--save-every", "250", "--eval-windows", "64",
+    "--val-fraction", str(VAL_FRACTION), "--p-full-context", "0", "--context-stems", "bass,chords", "--no-augment",
 ]
 
 
@@ -44,12 +45,12 @@ def log(msg: str):
     print(f"[toy {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def make_songs(folder: Path, n_songs: int, seconds: float, seed: int):
+def make_songs(folder: Path, n_songs: int, seconds: float, seed: int, style):
     from . import synth
 
     if (folder / "done").exists():
         return
-    synth.write_dataset(folder, n_songs, seconds, seed, style=synth.TOY)
+    synth.write_dataset(folder, n_songs, seconds, seed, style=style)
     (folder / "done").write_text(f"{n_songs}\n")
 
 
@@ -75,6 +76,7 @@ def make_base(folder: Path, codec_folder: Path, seed: int):
 
 
 def train_lm(run: Path, songs: Path, base: Path, steps: int, seed: int):
+    """train.py up to `steps` (resuming the run in `run` if there is one, whatever songs it saw)."""
     cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(songs), "--out", str(run), "--base", str(base),
            "--max-steps", str(steps), "--seed", str(seed), *TRAIN_OPTIONS]
     from .training import latest_checkpoint
@@ -99,16 +101,41 @@ def package(run: Path, out: Path):
     export_native(model, out, extra={"window_seconds": WINDOW_SECONDS, "trained_steps": step}, dtype="float16")
 
 
+def evaluate_model(model_dir: Path, songs: Path, out: Path, seed: int) -> dict:
+    """The tempo experiment (click tracks at 80-170 BPM, 3 seeds, 8 s) and accompaniment of held-out
+    songs (bass + chords as the context), each beside its context-dropped baseline (evaluate.py's)."""
+    from . import evaluation as E
+    from .pipeline import MusicGen
+
+    model = MusicGen.from_pretrained(str(model_dir))
+    tempo = E.tempo_experiment(model, list(range(80, 171, 10)), 3, 8.0, "", out / "tempo")
+    accompany = E.accompany_experiment(model, songs, "drums", out / "accompany", seconds=8.0, seed=seed,
+                                       val_fraction=VAL_FRACTION, split_seed=seed)
+    for name, results in (("tempo", tempo), ("accompany", accompany)):
+        E.write_results(results, out / name)
+        E.write_report(results, out / name)
+    summary = {"tempo_f1": tempo["mean"], "tempo_f1_nocontext": tempo["mean_nocontext"],
+               "accompany_f1": accompany["mean"], "accompany_f1_nocontext": accompany["mean_nocontext"],
+               "accompany_f1_reference": accompany["mean_reference"],
+               **{k: accompany[k] for k in ("fad_encodec", "fad_encodec_nocontext", "kad_encodec", "kad_encodec_nocontext")}}
+    (out / "summary.json").write_text(json.dumps(E.jsonable(summary), indent=2))
+    log(f"evaluation: {json.dumps(E.jsonable(summary))}")
+    return summary
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="model folder to write (must not exist)")
     p.add_argument("--work", default="runs/toy", help="folder for the songs, codec, base and LM run")
     p.add_argument("--songs", type=int, default=1000, help="synthetic songs to train the LM on")
     p.add_argument("--song-seconds", type=float, default=6.0, help="length of each song")
-    p.add_argument("--steps", type=int, default=3000, help="LM optimizer steps")
+    p.add_argument("--songs2", type=int, default=600, help="songs with tempo changes for the second phase")
+    p.add_argument("--phase1-steps", type=int, default=664, help="LM steps on steady songs before the tempo-change songs")
+    p.add_argument("--steps", type=int, default=3000, help="LM optimizer steps in all")
     p.add_argument("--codec-steps", type=int, default=CodecTrainConfig.steps, help="codec autoencoder steps")
     p.add_argument("--codec-songs", type=int, default=CodecTrainConfig.songs, help="songs the codec is trained on")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation (results in WORK/eval)")
     a = p.parse_args(argv)
     codec_cfg = CodecTrainConfig(steps=a.codec_steps, songs=a.codec_songs, seed=a.seed,
                                  finetune_steps=max(1, a.codec_steps * CodecTrainConfig.finetune_steps // CodecTrainConfig.steps),
@@ -116,11 +143,15 @@ def main(argv=None):
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    log("songs"), make_songs(work / "songs", a.songs, a.song_seconds, a.seed)
+    log("songs"), make_songs(work / "songs", a.songs, a.song_seconds, a.seed, synth.TOY)
+    make_songs(work / "songs2", a.songs2, a.song_seconds, a.seed + 1, synth.TOY_TEMPO_CHANGES)
     log("codec"), make_codec(work / "codec", codec_cfg)
     log("base"), make_base(work / "base", work / "codec", a.seed)
-    log("lm"), train_lm(work / "lm", work / "songs", work / "base", a.steps, a.seed)
+    log("lm, phase 1: steady songs"), train_lm(work / "lm", work / "songs", work / "base", min(a.phase1_steps, a.steps), a.seed)
+    log("lm, phase 2: tempo changes"), train_lm(work / "lm", work / "songs2", work / "base", a.steps, a.seed)
     log("package"), package(work / "lm", Path(a.out))
+    if not a.no_eval:
+        log("evaluate"), evaluate_model(Path(a.out), work / "songs", work / "eval", a.seed)
     log(f"done in {(time.time() - t0) / 60:.1f} min: {a.out}")
 
 

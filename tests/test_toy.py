@@ -26,6 +26,21 @@ def test_toy_songs_cover_tempi_meters_and_kits():
         assert [p for _, p in s["beats"]][:s["beats_per_bar"] + 1] == [*range(1, s["beats_per_bar"] + 1), 1]
 
 
+def test_tempo_change_songs_change_tempo_between_bars_only():
+    rng = np.random.default_rng(1)
+    changed = 0
+    for _ in range(10):
+        s = synth.make_song(rng, 8.0, style=synth.TOY_TEMPO_CHANGES)
+        times, positions = np.array([t for t, _ in s["beats"]]), [p for _, p in s["beats"]]
+        periods = np.diff(times)
+        for i in range(1, len(periods)):
+            if positions[i] != 1:  # inside a bar the beat period stays
+                assert abs(periods[i] - periods[i - 1]) < 1e-3
+            else:
+                changed += abs(periods[i] - periods[i - 1]) > 1e-3
+    assert changed >= 5  # and between bars it often changes
+
+
 def test_default_songs_unchanged():
     """The original synthetic songs (used by the training tests) are drawn exactly as before."""
     song = synth.make_song(np.random.default_rng(2), 4.0)
@@ -53,7 +68,7 @@ def test_toy_rebuild_command_runs_a_few_steps(tmp_path):
     from stage_min.pipeline import MusicGen
 
     out = tmp_path / "model"
-    toy.main([str(out), "--work", str(tmp_path / "work"), "--songs", "5", "--song-seconds", "5", "--steps", "2",
+    toy.main([str(out), "--work", str(tmp_path / "work"), "--songs", "5", "--songs2", "5", "--phase1-steps", "1", "--song-seconds", "5", "--steps", "2", "--no-eval",
               "--codec-steps", "2", "--codec-songs", "1"])
     config = json.loads((out / "config.json").read_text())
     assert config["window_seconds"] == toy.WINDOW_SECONDS and config["trained_steps"] == 2
