@@ -142,7 +142,7 @@ def bench_song_f1(args, device, dtype):
     import mir_eval
     import numpy as np
 
-    from stage_min.data import track_beats
+    from stage_min.evaluation import track_beats  # beat times only
     from stage_min.pipeline import MusicGen
     from stage_min.songs import accompany_song
 

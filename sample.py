@@ -5,6 +5,7 @@
     python sample.py --context songs/ --model runs/drums --out drums/
     python sample.py --bpm 120 --duration 8 --prompt "rock drums" --out drums.wav
     python sample.py --prompt "lofi hip hop beat" --duration 5 --out music.wav
+    python sample.py --model stage-drums.safetensors --context song.wav --genres "Rock, Indie Rock" --moods "energetic" --out drums.wav
 """
 import argparse
 import math
@@ -35,7 +36,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompt", default="", help="text description of the stem (or of the music)")
+    p.add_argument("--prompt", default="", help="text description of the stem (or of the music), free text")
+    p.add_argument("--genres", help="comma list: builds the official STAGE caption 'Genres: a, b. Moods: x. ' "
+                                    "(Discogs names, e.g. 'Rock, Indie Rock'); instead of --prompt")
+    p.add_argument("--moods", help="comma list for the caption's 'Moods: ...' part (MTG-Jamendo moods, e.g. 'energetic, happy')")
     p.add_argument("--out", required=True, help="output audio file: .wav, .flac, .ogg or .mp3 (a folder for a --context folder)")
     p.add_argument("--context", help="STAGE: audio to accompany (any format soundfile reads), or a folder of songs")
     p.add_argument("--bpm", type=float, help="STAGE: accompany a click track at this tempo instead")
@@ -256,6 +260,19 @@ def check_folder_outputs(args):
             check_outputs(labelled_outputs(list(args.stem_models), path), inputs, args.overwrite)
 
 
+def caption(args):
+    """--genres/--moods -> the official STAGE caption in args.prompt, for every mode (one stem,
+    stacks, folders); said on stderr, so that the text the model sees is never a guess."""
+    if args.genres is None and args.moods is None:
+        return
+    if args.prompt:
+        raise ValueError("give --prompt (free text) or --genres/--moods (the STAGE caption form), not both")
+    from stage_min.captions import stage_caption
+
+    args.prompt = stage_caption(args.genres, args.moods)
+    print(f"caption: {args.prompt!r}", file=sys.stderr)
+
+
 def check_options(args):
     """Everything that can be checked without reading audio or loading a model, so that bad input
     fails at once."""
@@ -263,6 +280,7 @@ def check_options(args):
 
     check_numbers(args)
     check_modes(args)
+    caption(args)
     args.stem_models = stem_models(args)
     if args.continuation:
         check_input_file(args.continuation)

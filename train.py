@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from stage_min import data as D
 from stage_min import training as T
 from stage_min.audio import AudioError
+from stage_min.beats import check_tracker
 from stage_min.loading import LoadError
 
 
@@ -32,9 +32,46 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every option's default after its help (none for flags and
+    options whose default is nothing or is said in the help)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, "", False) or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+# Defaults are the original STAGE recipe (REFERENCE.md section 8); each help says why one would change it.
+HELP = {
+    "max_steps": "optimizer steps (the original: up to 100k, 24 h cap)",
+    "batch_size": "global batch per optimizer step (the original: 2 x 4 accumulation)",
+    "grad_accum": "micro-batches per step, to fit the batch in memory",
+    "eval_every": "steps between held-out evaluations", "eval_windows": "held-out windows (fixed, not augmented)",
+    "save_every": "steps between checkpoints", "log_every": "steps between metrics.jsonl lines", "seed": "seed of every draw",
+    "dim": "tiny preset: model width (0 = preset)", "layers": "tiny preset: layers (0 = preset)", "heads": "tiny preset: heads (0 = preset)",
+    "lr": "AdamW learning rate, constant (the original's); a from-scratch toy wants ~1e-3",
+    "beta1": "AdamW beta1", "beta2": "AdamW beta2", "weight_decay": "AdamW weight decay (on every parameter, see --no-decay-1d)",
+    "clip": "gradient clipping threshold (per value, or global norm with --clip-mode norm)",
+    "p_text_drop": "whole prompt dropped (null text), as the original", "p_context_drop": "whole context dropped",
+    "p_word_drop": "T5 word dropout on kept prompts",
+    "target_seconds": "window length (the original: 10 s); shorter for CPU toys",
+    "p_full_context": "the context is the whole window with this probability (the original: 0.05); "
+                      "0 with --context-min = --context-max for a fixed context length",
+    "context_min": "else a prefix of the window, uniform in [min, max] seconds", "context_max": "see --context-min",
+    "context_step": "0: any whole number of frames (the original: any length); > 0: lengths on this grid, so that "
+                    "contexts of equal length are encoded as one batch (faster, less varied)",
+    "p_metronome": "context replaced by a click track on the song's beats", "silence": "a stem whose peak over the window is below this is silent",
+    "val_fraction": "held-out songs",
+    "p_speed": "augmentation: chance of a speed change", "speed_min": "speed change: lowest Rubber Band time ratio "
+               "(window duration / song segment duration; < 1 is faster), in (0, 4]", "speed_max": "speed change: highest time ratio",
+    "p_pitch": "augmentation: chance of a pitch shift", "pitch_semitones": "pitch shift drawn in [-n, n] whole semitones",
+}
+
+
 def parse_args(argv=None) -> tuple[T.TrainConfig, bool]:
     c, d = T.TrainConfig(), D.DataConfig()
-    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="stems dataset folder (one folder per song)")
     p.add_argument("--target", required=True, help="stem to generate: drums, bass, ...")
     p.add_argument("--out", required=True, help="run folder: checkpoint, metrics.jsonl")
@@ -43,19 +80,54 @@ def parse_args(argv=None) -> tuple[T.TrainConfig, bool]:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_windows", "save_every", "log_every", "seed",
                  "dim", "layers", "heads"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(c, name))
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(c, name), help=HELP[name])
     for name in ("lr", "beta1", "beta2", "weight_decay", "clip", "p_text_drop", "p_context_drop", "p_word_drop"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(c, name))
-    for name in ("target_seconds", "context_min", "context_max", "context_step", "p_metronome", "silence", "val_fraction"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
-    p.add_argument("--exclude", default=",".join(d.exclude), help="stems never used in a context (comma list)")
-    p.add_argument("--cache-dir", default="", help="where encoded targets are cached (default DATA/.stage_min_cache)")
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(c, name), help=HELP[name])
+    for name in ("target_seconds", "p_full_context", "context_min", "context_max", "context_step", "p_metronome", "silence",
+                 "val_fraction", "p_speed", "speed_min", "speed_max", "p_pitch"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name), help=HELP[name])
+    p.add_argument("--pitch-semitones", type=int, default=d.pitch_semitones, help=HELP["pitch_semitones"])
+    p.add_argument("--no-augment", action="store_true", help="no speed or pitch changes (the original augments; "
+                   "off for a faster CPU run, or for data whose tempo and key must stay)")
+    p.add_argument("--context-stems", default=None, help=f"stems a context may use (comma list, the target left out), "
+                   f"or 'all' (default: {','.join(d.context_stems)}: the original's set, which keeps vocals, percussion, "
+                   f"wind and other_plucked out; other names for other datasets)")
+    p.add_argument("--exclude", default=None, help="deprecated: any stem but these may be in a context "
+                   "(same as --context-stems all minus these)")
+    p.add_argument("--beat-tracker", default=d.beat_tracker, choices=D.TRACKERS, help="for songs without beats.txt: "
+                   "librosa (offline; downbeats by a low-frequency rule) or beat_this (Beat This!, as the original's "
+                   "beatthis.npz suggests; pip install beat-this, downloads its checkpoint once)")
+    p.add_argument("--clip-mode", default=c.clip_mode, choices=T.CLIP_MODES, help="value: each gradient value clipped "
+                   "to [-clip, clip] (the original's); norm: the global gradient norm, which keeps the update's direction")
+    p.add_argument("--precision", default=c.precision, choices=T.PRECISIONS, help="CUDA: fp16 autocast with a "
+                   "gradient scaler (the original's), bf16 (no scaler, no overflow; Ampere and newer) or fp32; CPU runs fp32")
+    p.add_argument("--no-decay-1d", action="store_true", help="no weight decay on biases and norms (GPT practice); "
+                   "the original decays every parameter")
+    p.add_argument("--loss-all-steps", action="store_true", help="also take the loss on the last k frames of codebook k, "
+                   "which the original leaves out (keep_only_valid_steps)")
+    p.add_argument("--train-special-row", action="store_true", help="new LMs: keep the start/gap token's embedding "
+                   "trainable (MusicGen's) instead of zeroed and frozen (the original's padding_idx)")
+    p.add_argument("--attend-start-step", action="store_true", help="new LMs: let steps attend to the start step, as "
+                   "MusicGen does; the original masks it")
+    p.add_argument("--separator-init", default=c.separator_init, choices=T.SEPARATOR_INITS, help="new separator row: "
+                   "kaiming normal (the original's) or mean of the code rows (an in-distribution vector for the "
+                   "pretrained layers on the first steps)")
+    p.add_argument("--cache-dir", default="", help="where per-song peaks and beats are cached (default: DATA/.stage_min_cache)")
     p.add_argument("--device", default="", help="cuda or cpu (default: cuda when available)")
     a = p.parse_args(argv)
-    data_cfg = D.DataConfig(target=a.target.lower(), exclude=tuple(s.strip().lower() for s in a.exclude.split(",") if s.strip()),
-                            **{k: getattr(a, k) for k in ("target_seconds", "context_min", "context_max", "context_step",
-                                                          "p_metronome", "silence", "val_fraction")})
+    names = lambda text: tuple(x.strip().lower() for x in text.split(",") if x.strip())  # noqa: E731
+    if a.exclude is not None and a.context_stems is not None:
+        p.error("give --context-stems or the deprecated --exclude, not both")
+    context_stems = a.context_stems if a.context_stems is not None else ",".join(d.context_stems)
+    context_stems = None if a.exclude is not None or context_stems.strip().lower() == "all" else names(context_stems)
+    data_cfg = D.DataConfig(target=a.target.lower(), context_stems=context_stems, exclude=names(a.exclude or ""),
+                            augment=not a.no_augment, beat_tracker=a.beat_tracker, pitch_semitones=a.pitch_semitones,
+                            **{k: getattr(a, k) for k in ("target_seconds", "p_full_context", "context_min", "context_max",
+                                                          "context_step", "p_metronome", "silence", "val_fraction",
+                                                          "p_speed", "speed_min", "speed_max", "p_pitch")})
     fields = {k: getattr(a, k) for k in T.TrainConfig.__dataclass_fields__ if k != "data_cfg" and hasattr(a, k)}
+    fields.update(decay_all=not a.no_decay_1d, valid_steps_only=not a.loss_all_steps,
+                  zero_special_row=not a.train_special_row)
     return T.TrainConfig(**fields, data_cfg=data_cfg), a.resume
 
 
@@ -85,6 +157,9 @@ def train(cfg: T.TrainConfig, resume: bool):
     if master and out.is_dir():
         T.remove_stale(out)  # temporaries of a save that was killed
     songs = D.find_songs(cfg.data)  # before the (slow) model load: a bad --data fails fast
+    cfg.data_cfg.check_stem_names(songs)
+    if any(s.beats_file is None for s in songs):
+        check_tracker(cfg.data_cfg.beat_tracker)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.data) / ".stage_min_cache"
     for folder, flag in ((out, "--out"), (cache_dir, "--cache-dir")):
         try:
@@ -117,20 +192,24 @@ def train(cfg: T.TrainConfig, resume: bool):
             group["lr"], group["betas"] = cfg.lr, (cfg.beta1, cfg.beta2)
         T.set_rng_state(state["rng"])
         step = state["step"]
-    ddp = T.StageLoss(lm)
+    ddp = T.StageLoss(lm, cfg.valid_steps_only)
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(ddp, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    # mixed precision on CUDA only (CPU runs fp32); fp16 needs a gradient scaler against underflow
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.precision) if device.type == "cuda" else None
+    autocast = (lambda: torch.autocast("cuda", dtype=half)) if half is not None else contextlib.nullcontext
+    scaler = torch.amp.GradScaler("cuda", enabled=half == torch.float16)
+    if resume and "scaler" in state and scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])
 
     # ---- data: rank 0 fills the cache first, the others then read it -------------------------
     codec = model.codec
-    codec_id = D.codec_identity(codec)
     stats = D.Stats()
 
     def prepare(song_list):
         out_list = []
         for s in tqdm(song_list, desc="songs", disable=not master or len(song_list) < 2, leave=False):
-            sd = D.prepare_song(s, cfg.data_cfg, codec, device, cache_dir, codec_id, stats)
+            sd = D.prepare_song(s, cfg.data_cfg, codec, device, cache_dir, stats)
             if sd is not None:
                 out_list.append(sd)
         return out_list
@@ -155,12 +234,13 @@ def train(cfg: T.TrainConfig, resume: bool):
         out.mkdir(parents=True, exist_ok=True)
         n_params = sum(p.numel() for p in lm.parameters())
         print(f"{len(windows.songs)} training songs, {len(val_data)} held out; {stats.summary()}; "
-              f"LM {n_params / 1e6:.1f}M parameters; {world} process(es), {micro_bs} x {cfg.grad_accum} per process", file=sys.stderr)
+              f"LM {n_params / 1e6:.1f}M parameters; {world} process(es), {micro_bs} x {cfg.grad_accum} per process; "
+              f"{cfg.precision if half is not None else 'fp32'}", file=sys.stderr)
 
     # ---- the loop ------------------------------------------------------------------------------
     def save():
         if master:
-            T.save_checkpoint(out, lm, base, step, cfg, optimizer)
+            T.save_checkpoint(out, lm, base, step, cfg, optimizer, scaler)
 
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True)
     t0, frames = time.time(), 0
@@ -178,19 +258,23 @@ def train(cfg: T.TrainConfig, resume: bool):
                 with contextlib.nullcontext() if world == 1 or micro == cfg.grad_accum - 1 else ddp.no_sync():
                     with autocast():
                         loss = ddp(b["grid"], b["keep"], b["target"], b["states"], b["mask"]) / cfg.grad_accum
-                    loss.backward()
+                    scaler.scale(loss).backward()
                 loss_sum += loss.detach().item()
                 frames += b["codes"].numel() // b["codes"].shape[1]
             if world > 1:  # log the global batch's loss, not rank 0's share of it
                 total = torch.tensor([loss_sum], device=device)
                 dist.all_reduce(total)
                 loss_sum = total.item() / world
-            grad_norm = torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.clip)
-            if not (math.isfinite(loss_sum) and bool(torch.isfinite(grad_norm))):  # same on every rank: all stop
+            scaler.unscale_(optimizer)  # clip the true gradients (a no-op without fp16)
+            grad_norm = T.clip_gradients(lm, cfg)
+            # fp16: an overflow in the gradients is the scaler's to handle (it skips the step and lowers
+            # the scale); a non-finite loss, or gradients without a scaler, mean divergence
+            if not math.isfinite(loss_sum) or not (scaler.is_enabled() or bool(torch.isfinite(grad_norm))):
                 raise T.Diverged(f"step {step + 1}: the loss ({loss_sum:g}) or the gradient norm ({float(grad_norm):g}) "
                                  f"is not finite; stopped without saving: the last checkpoint in {out} is kept "
-                                 "(try a lower --lr)")
-            optimizer.step()
+                                 "(try a lower --lr)")  # same on every rank: all stop
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if master and (step % cfg.log_every == 0 or step == cfg.max_steps):
@@ -199,7 +283,7 @@ def train(cfg: T.TrainConfig, resume: bool):
                 T.log_metrics(out, {"step": step, "loss": loss_sum, "lr": cfg.lr, "target_frames_per_s": fps})
                 t0, frames = time.time(), 0
             if master and eval_batches and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                metrics = T.evaluate(lm, eval_batches, autocast)
+                metrics = T.evaluate(lm, eval_batches, autocast, cfg.valid_steps_only)
                 T.log_metrics(out, {"step": step, **metrics})
                 bar.write(f"step {step}: val loss {metrics['val_loss']:.3f} (context dropped: {metrics['val_loss_nocontext']:.3f})")
             if step % cfg.save_every == 0 or step == cfg.max_steps:

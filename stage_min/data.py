@@ -8,10 +8,10 @@ works as a root as well as its parent):
 Optional per song: `caption.txt` (the text prompt) and `beats.txt` (beat annotations, format below).
 A file called mixture/mix.* is not a stem and is ignored.
 
-The expensive, song-level work is done once and cached on disk (`SongCache`): the target stem's
-EnCodec codes, the per-frame peak of every stem (to find silence without reading audio again) and
-the beat times. A window then costs a few partial file reads for the context; the context is
-encoded on the device, in batches, by the training loop.
+The song-level work is done once and cached on disk: the per-frame peak of every stem (to find
+silence without reading audio again) and the beats. A window is read from the files (partial reads),
+augmented, and its target and context are encoded on the device by the training loop, each window on
+its own as the original STAGE does (EnCodec's LSTM sees only the window, as at inference).
 
 beats.txt: one beat per line, `<time in seconds> [<position in bar>]`, position 1 = downbeat (the
 common `.beats` annotation format). Lines starting with # are comments. Without positions, every
@@ -29,8 +29,9 @@ import soundfile as sf
 import soxr
 import torch
 
+from . import augment
 from .audio import AudioError, load_audio
-from .evaluation import TRACKER_ID, track_beats  # one beat tracker for training data and evaluation
+from .beats import TRACKER_ID, TRACKERS, track  # one beat tracker for training data and evaluation
 from .metronome import click_track
 
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff"}
@@ -39,7 +40,12 @@ NOT_STEMS = {"mixture", "mix"}
 # data.json, so that a folder of songs is never taken for one song with odd stems
 MOISESDB_STEMS = {"vocals", "bass", "drums", "guitar", "other_keys", "piano", "percussion", "bowed_strings",
                   "wind", "other_plucked", "other"}
-CACHE_VERSION = 2  # 2: no numpy arrays in the file, so that it loads with weights_only=True
+# The original's context stems (REFERENCE.md 8.8): percussion, wind, other_plucked and vocals never
+# appear in a context, so that e.g. percussion never leaks into a drums context
+STAGE_CONTEXT_STEMS = ("drums", "bass", "guitar", "other_keys", "piano", "bowed_strings", "other")
+# 2: no numpy arrays in the file, so that it loads with weights_only=True; 3: no codes (targets are
+# encoded per window), peaks of the whole song and downbeats
+CACHE_VERSION = 3
 
 
 class DataError(Exception):
@@ -49,14 +55,23 @@ class DataError(Exception):
 @dataclass
 class DataConfig:
     target: str = "drums"
-    exclude: tuple = ("vocals",)  # never part of a context (STAGE leaves vocals out)
+    context_stems: tuple | None = STAGE_CONTEXT_STEMS  # stems a context may use (minus the target); None: any
+    exclude: tuple = ()  # stems never in a context (train.py's deprecated --exclude: any stem but these)
     target_seconds: float = 10.0
-    context_min: float = 5.0  # context = a prefix of the target window, this long...
-    context_max: float = 10.0  # ...up to this
-    context_step: float = 0.5  # lengths on a grid, so that contexts of equal length encode as one batch
+    p_full_context: float = 0.05  # the context is the whole window...
+    context_min: float = 5.0  # ...else a prefix of the window, uniform in [min, max] seconds
+    context_max: float = 10.0
+    context_step: float = 0.0  # 0: any whole number of frames; > 0: lengths on this grid (fewer encoder calls)
     p_metronome: float = 0.5  # context replaced by a click track on the song's beats
-    silence: float = 0.01  # a stem (window) whose peak is below this is silent
+    silence: float = 0.01  # a stem whose peak over the window is below this is silent
     val_fraction: float = 0.1  # held-out songs, at least one when there are >= 2
+    augment: bool = True  # speed and pitch changes of the whole window (stage_min.augment)
+    p_speed: float = 0.5
+    speed_min: float = 0.8  # Rubber Band time ratio (window duration / song segment duration)
+    speed_max: float = 1.2
+    p_pitch: float = 0.5
+    pitch_semitones: int = 4  # shift drawn in [-n, n] whole semitones
+    beat_tracker: str = "librosa"  # for songs without beats.txt: librosa or beat_this
 
     def check(self):
         if not self.target:
@@ -71,14 +86,36 @@ class DataConfig:
         if not 0 < self.context_min <= self.context_max <= self.target_seconds:
             raise ValueError(f"need 0 < --context-min <= --context-max <= --target-seconds, got "
                              f"{self.context_min:g}, {self.context_max:g}, {self.target_seconds:g}")
-        if not self.context_step >= 0.02:  # one codec frame: a finer grid only makes more batches
-            raise ValueError(f"--context-step must be >= 0.02 s (one frame), got {self.context_step:g}")
-        if not 0 <= self.p_metronome <= 1:
-            raise ValueError(f"--p-metronome must be in [0, 1], got {self.p_metronome:g}")
+        if not (self.context_step == 0 or self.context_step >= 0.02):  # one codec frame
+            raise ValueError(f"--context-step must be 0 (any length) or >= 0.02 s (one frame), got {self.context_step:g}")
+        for name in ("p_metronome", "p_full_context", "p_speed", "p_pitch"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name):g}")
+        if not 0 < self.speed_min <= self.speed_max <= 4:
+            raise ValueError(f"need 0 < --speed-min <= --speed-max <= 4 (a time ratio), got {self.speed_min:g}, {self.speed_max:g}")
+        if not 0 <= self.pitch_semitones <= 12:
+            raise ValueError(f"--pitch-semitones must be in [0, 12], got {self.pitch_semitones}")
+        if self.beat_tracker not in TRACKERS:
+            raise ValueError(f"--beat-tracker must be one of {', '.join(TRACKERS)}, got {self.beat_tracker!r}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction:g}")
         if self.target in self.exclude:
             raise ValueError(f"--target {self.target} is also in --exclude")
+        if self.context_stems is not None and not self.context_stems:
+            raise ValueError("--context-stems is empty")
+
+    def check_stem_names(self, songs: list["Song"]):
+        """Every name in --context-stems/--exclude must be a MoisesDB stem or a stem of some song:
+        a typo would otherwise silently leave a stem out of every context."""
+        known = MOISESDB_STEMS | {s for song in songs for s in song.stems}
+        for flag, names in (("--context-stems", self.context_stems or ()), ("--exclude", self.exclude)):
+            unknown = [n for n in names if n not in known]
+            if unknown:
+                raise DataError(f"{flag}: unknown stem {unknown[0]!r} (not a MoisesDB stem and in no song of the data; "
+                                f"known: {', '.join(sorted(known))})")
+
+    def may_be_context(self, stem: str) -> bool:
+        return stem != self.target and stem not in self.exclude and (self.context_stems is None or stem in self.context_stems)
 
 
 @dataclass
@@ -177,6 +214,11 @@ def format_beats(times, positions) -> str:
     return "".join(f"{t:.4f} {p}\n" for t, p in zip(times, positions))
 
 
+def track_beats(mixture: np.ndarray, sample_rate: int, tracker: str = "librosa", device="cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(beat times (N,) s, downbeat flags (N,)) of a mixture (stage_min.beats, which evaluation uses too)."""
+    return track(tracker, mixture, sample_rate, str(device))
+
+
 # ---- the per-song cache -------------------------------------------------------------------------
 def file_key(paths) -> list:
     """What identifies a file's content cheaply: path, size and modification time."""
@@ -187,27 +229,18 @@ def file_key(paths) -> list:
     return out
 
 
-def codec_identity(codec) -> str:
-    """A hash of the codec's weights and settings: codes from another codec are never reused."""
-    h = hashlib.sha1(json.dumps([codec.sample_rate, codec.hop, codec.bandwidth]).encode())
-    for k, v in sorted(codec.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 @dataclass
 class SongData:
     """What training needs of one song, all on the frame grid of the codec."""
     song: Song
-    codes: torch.Tensor  # (K, T) target stem codes, int16 on disk / in memory
+    target: str  # the target stem's name
     peaks: dict  # stem -> (T,) float32 peak of |audio| in each frame
     beats: np.ndarray  # (N,) seconds
     downbeats: np.ndarray  # (N,) bool
 
     @property
     def n_frames(self) -> int:
-        return self.codes.shape[-1]
+        return len(self.peaks[self.target])
 
 
 def _frame_peaks(audio: np.ndarray, hop: int, n_frames: int) -> np.ndarray:
@@ -215,16 +248,6 @@ def _frame_peaks(audio: np.ndarray, hop: int, n_frames: int) -> np.ndarray:
     n = min(len(audio), len(padded))
     padded[:n] = np.abs(audio[:n])
     return padded.reshape(n_frames, hop).max(axis=1)
-
-
-def _encode_long(codec, audio: np.ndarray, device, chunk_seconds: float = 60.0) -> torch.Tensor:
-    """Whole-song codes, encoded in chunks of whole frames to bound memory."""
-    chunk = int(chunk_seconds * codec.frame_rate) * codec.hop
-    out = []
-    for start in range(0, len(audio), chunk):
-        x = torch.from_numpy(audio[start:start + chunk]).to(device)[None, None]
-        out.append(codec.encode(x)[0].cpu())
-    return torch.cat(out, dim=-1)
 
 
 class Stats:
@@ -253,8 +276,9 @@ def load_stem(files: list[Path], sample_rate: int) -> np.ndarray:
     return out
 
 
-def prepare_song(song: Song, cfg: DataConfig, codec, device, cache_dir: Path, codec_id: str, stats: Stats) -> SongData | None:
-    """Cached song data, computed (and cached, atomically) on a miss. None when unusable."""
+def prepare_song(song: Song, cfg: DataConfig, codec, device, cache_dir: Path, stats: Stats) -> SongData | None:
+    """Cached song data (per-frame peaks of every stem, beats), computed and cached atomically on a
+    miss. None when the song has no (readable) target stem. `codec` gives the sample rate and hop."""
     sr, hop = codec.sample_rate, codec.hop
     usable = {}
     for stem, files in song.stems.items():  # a file that vanished or cannot be stat'ed is a bad file
@@ -263,12 +287,13 @@ def prepare_song(song: Song, cfg: DataConfig, codec, device, cache_dir: Path, co
             usable[stem] = files
         except OSError as e:
             stats.warn_file(f"{song.name}/{stem}: {e}")
-    # whether beats are annotated is part of the key: a cache made with beats.txt holds no tracked beats
-    # (songs with beats.txt keep their old keys; tracked beats are redone when the tracker changes)
-    key_src = json.dumps([CACHE_VERSION, cfg.target, codec_id, sr, TRACKER_ID if song.beats_file is None else False,
-                          {s: file_key(f) for s, f in sorted(usable.items())}])
+    # how beats are found is part of the key: a cache made with beats.txt holds no tracked beats,
+    # and tracked beats are redone when the tracker or its settings change
+    tracker = None if song.beats_file is not None else cfg.beat_tracker
+    tracker_id = None if tracker is None else TRACKER_ID if tracker == "librosa" else tracker
+    key_src = json.dumps([CACHE_VERSION, sr, hop, tracker_id, {s: file_key(f) for s, f in sorted(usable.items())}])
     key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
-    path = cache_dir / f"{song.name}.{cfg.target}.{key}.pt"
+    path = cache_dir / f"{song.name}.{key}.pt"
     cached = None
     if path.exists():
         from .loading import LoadError, safe_torch_load
@@ -278,31 +303,14 @@ def prepare_song(song: Song, cfg: DataConfig, codec, device, cache_dir: Path, co
         except LoadError:
             cached = None  # a broken (or unsafe) cache file is just recomputed
     if cached is None:
-        audio = {}
-        for stem, files in usable.items():
-            try:
-                audio[stem] = load_stem(files, sr)
-            except AudioError as e:
-                stats.warn_file(str(e))
-        cached = {"bad": len(usable) - len(audio), "stems": sorted(audio)}
-        if cfg.target in audio:
-            codes = _encode_long(codec, audio[cfg.target], device).to(torch.int16)
-            T = codes.shape[-1]
-            cached["codes"] = codes
-            cached["peaks"] = {s: torch.from_numpy(_frame_peaks(a, hop, T)) for s, a in audio.items()}
-            if song.beats_file is None:  # no annotation: track the beats on the mixture, once
-                n = max(len(a) for a in audio.values())
-                mix = np.zeros(n, dtype=np.float32)
-                for a in audio.values():
-                    mix[:len(a)] += a
-                cached["beats"] = torch.from_numpy(track_beats(mix, sr))
+        cached = _song_summary(song, usable, sr, hop, tracker, device, stats)
         from .loading import write_atomic
         cache_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(path, lambda p: torch.save(cached, p))
     else:
         for _ in range(cached["bad"]):  # bad files are reported on every run, not only the first
             stats.warn_file(f"{song.name}: a stem file that could not be read (cached)")
-    if "codes" not in cached:
+    if cfg.target not in cached["peaks"]:
         stats.no_target += 1
         return None
     if song.beats_file is not None:
@@ -312,11 +320,34 @@ def prepare_song(song: Song, cfg: DataConfig, codec, device, cache_dir: Path, co
             stats.warn_file(f"{song.beats_file}: {e}")
             beats, down = np.zeros(0), np.zeros(0, dtype=bool)
     else:
-        beats = np.asarray(cached["beats"], dtype=np.float64)
-        down = np.arange(len(beats)) % 4 == 0
+        beats, down = cached["beats"].numpy(), cached["downbeats"].numpy()
     peaks = {s: p.numpy() for s, p in cached["peaks"].items()}
     song = Song(song.name, song.folder, {s: f for s, f in usable.items() if s in peaks}, song.caption, song.beats_file)
-    return SongData(song, cached["codes"], peaks, beats, down)
+    return SongData(song, cfg.target, peaks, beats, down)
+
+
+def _song_summary(song: Song, files: dict, sr: int, hop: int, tracker: str | None, device, stats: Stats) -> dict:
+    """Read every stem once: per-frame peaks, and beats tracked on the mixture when there is no beats.txt."""
+    audio = {}
+    for stem, f in files.items():
+        try:
+            audio[stem] = load_stem(f, sr)
+        except AudioError as e:
+            stats.warn_file(str(e))
+    out = {"bad": len(files) - len(audio), "peaks": {}, "beats": torch.zeros(0, dtype=torch.float64),
+           "downbeats": torch.zeros(0, dtype=torch.bool)}
+    if not audio:
+        return out
+    n = max(len(a) for a in audio.values())
+    T = -(-n // hop)
+    out["peaks"] = {s: torch.from_numpy(_frame_peaks(a, hop, T)) for s, a in audio.items()}
+    if tracker is not None:  # no annotation: track the beats on the mixture, once
+        mix = np.zeros(n, dtype=np.float32)
+        for a in audio.values():
+            mix[:len(a)] += a
+        beats, down = track_beats(mix, sr, tracker, device)
+        out["beats"], out["downbeats"] = torch.from_numpy(np.asarray(beats, np.float64)), torch.from_numpy(np.asarray(down, bool))
+    return out
 
 
 # ---- windows ------------------------------------------------------------------------------------
@@ -346,25 +377,36 @@ def read_segment(files: list[Path], start: float, duration: float, sample_rate: 
 @dataclass
 class Example:
     song: str
-    start: int  # first frame of the window
-    codes: torch.Tensor  # (K, T) target codes
-    context: np.ndarray  # context audio, a prefix of the window
+    start: int  # first frame of the window's song segment
+    target: np.ndarray  # target stem audio of the window (n_target frames), augmented
+    context: np.ndarray  # context audio, a prefix of the window (whole frames), augmented alike
     caption: str
     metronome: bool
     context_stems: list = field(default_factory=list)
+    aug: augment.Augmentation = augment.Augmentation()
 
 
 class StemWindows:
     """Draws random training windows. Every draw takes its own numpy Generator, so the training
     loop can derive it from (seed, step, sample index): runs are reproducible, resumable without
-    saving a data-loader state, and the same whatever the number of processes."""
+    saving a data-loader state, and the same whatever the number of processes.
+
+    A window (as the original STAGE, REFERENCE.md 8.8): a song segment whose target stem is not silent
+    (peak >= --silence over the segment); with augmentation, a segment of target_seconds / ratio
+    seconds, stretched and pitch-shifted to target_seconds; the context is the whole window with
+    probability p_full_context, else a prefix of uniform length in [context_min, context_max]; it is a
+    click track on the song's beats with probability p_metronome, else the sum of a random non-empty
+    subset of the other stems allowed in a context that are not silent over the segment."""
 
     def __init__(self, songs: list[SongData], cfg: DataConfig, frame_rate: float, sample_rate: int, stats: Stats | None = None):
         self.cfg, self.frame_rate, self.sample_rate = cfg, frame_rate, sample_rate
+        self.hop = int(round(sample_rate / frame_rate))
         self.n_target = int(round(cfg.target_seconds * frame_rate))
-        n = int(np.floor((cfg.context_max - cfg.context_min) / cfg.context_step + 1e-9))
-        grid = [cfg.context_min + i * cfg.context_step for i in range(n + 1)] + [cfg.context_max]
-        self.context_lengths = sorted({max(1, int(round(s * frame_rate))) for s in grid})  # in frames
+        self.context_lengths = None  # in frames: None = any whole number of frames in [min, max]
+        if cfg.context_step > 0:
+            n = int(np.floor((cfg.context_max - cfg.context_min) / cfg.context_step + 1e-9))
+            grid = [cfg.context_min + i * cfg.context_step for i in range(n + 1)] + [cfg.context_max]
+            self.context_lengths = sorted({max(1, int(round(s * frame_rate))) for s in grid})
         self.stats = stats or Stats()
         self.songs = []
         for s in songs:
@@ -375,34 +417,53 @@ class StemWindows:
         if not self.songs:
             raise DataError(f"no song has a '{cfg.target}' stem of at least {cfg.target_seconds:g} s")
 
+    def _context_frames(self, rng: np.random.Generator) -> int:
+        cfg = self.cfg
+        full, u = rng.random(), rng.random()  # always two draws: later draws do not depend on the branch
+        if full < cfg.p_full_context:
+            return self.n_target
+        if self.context_lengths is not None:
+            return self.context_lengths[min(int(u * len(self.context_lengths)), len(self.context_lengths) - 1)]
+        seconds = cfg.context_min + u * (cfg.context_max - cfg.context_min)
+        return min(self.n_target, max(1, int(seconds * self.frame_rate)))  # whole frames, as the encoder takes them
+
     def draw(self, rng: np.random.Generator, max_tries: int = 50) -> Example:
         cfg = self.cfg
         for _ in range(max_tries):
             sd = self.songs[int(rng.integers(len(self.songs)))]
-            f0 = int(rng.integers(0, sd.n_frames - self.n_target + 1))
-            if sd.peaks[cfg.target][f0:f0 + self.n_target].max() < cfg.silence:
+            aug = augment.draw(rng, cfg.p_speed, cfg.speed_min, cfg.speed_max, cfg.p_pitch, cfg.pitch_semitones) \
+                if cfg.augment else augment.Augmentation()
+            n_src = min(sd.n_frames, int(np.ceil(self.n_target / aug.ratio)))  # song frames the window is made from
+            f0 = int(rng.integers(0, sd.n_frames - n_src + 1))
+            if sd.peaks[cfg.target][f0:f0 + n_src].max() < cfg.silence:
                 continue  # nothing to learn from a silent target
-            C = self.context_lengths[int(rng.integers(len(self.context_lengths)))]
-            t0, dur = f0 / self.frame_rate, C / self.frame_rate
+            C = self._context_frames(rng)
+            t0, src_seconds = f0 / self.frame_rate, self.n_target * self.hop / self.sample_rate / aug.ratio
             metronome = bool(rng.random() < cfg.p_metronome)
+            chosen = []
             if metronome:
-                inside = (sd.beats >= t0) & (sd.beats < t0 + dur)
+                beats = (sd.beats - t0) * aug.ratio  # where each beat lands in the (stretched) window
+                inside = (beats >= 0) & (beats < C / self.frame_rate)
                 if not inside.any():
                     continue
-                audio = click_track(sd.beats[inside] - t0, dur, sample_rate=self.sample_rate, downbeats=sd.downbeats[inside])
-                chosen = []
+                context = click_track(beats[inside], C * self.hop / self.sample_rate, sample_rate=self.sample_rate,
+                                      downbeats=sd.downbeats[inside])
             else:
-                others = [s for s in sorted(sd.peaks) if s != cfg.target and s not in cfg.exclude
-                          and sd.peaks[s][f0:f0 + C].max() >= cfg.silence]
+                others = [s for s in sorted(sd.peaks) if cfg.may_be_context(s) and sd.peaks[s][f0:f0 + n_src].max() >= cfg.silence]
                 if not others:
                     continue
                 k = int(rng.integers(1, len(others) + 1))
                 chosen = [others[i] for i in sorted(rng.choice(len(others), k, replace=False))]
-                try:
-                    audio = read_segment([f for s in chosen for f in sd.song.stems[s]], t0, dur, self.sample_rate)
-                except AudioError as e:
-                    self.stats.warn_file(str(e))
-                    continue
-            codes = sd.codes[:, f0:f0 + self.n_target].long()
-            return Example(sd.song.name, f0, codes, audio, sd.song.caption, metronome, chosen)
+            try:
+                target = self._window([f for f in sd.song.stems[cfg.target]], t0, src_seconds, aug)
+                if not metronome:  # the whole window is augmented, then cut: context and target alike
+                    context = self._window([f for s in chosen for f in sd.song.stems[s]], t0, src_seconds, aug)[:C * self.hop]
+            except AudioError as e:
+                self.stats.warn_file(str(e))
+                continue
+            return Example(sd.song.name, f0, target, context, sd.song.caption, metronome, chosen, aug)
         raise DataError(f"found no usable window in {max_tries} tries: are the '{cfg.target}' stems silent?")
+
+    def _window(self, files: list[Path], t0: float, seconds: float, aug: augment.Augmentation) -> np.ndarray:
+        audio = read_segment(files, t0, seconds, self.sample_rate)
+        return augment.apply(audio, self.sample_rate, aug, self.n_target * self.hop)

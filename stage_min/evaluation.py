@@ -12,7 +12,6 @@ Generation is seeded per call: several rows share a call (a batch), so a row's a
 seed and on the other rows of its batch. The same options give the same results.
 """
 import csv
-import functools
 import json
 import sys
 import warnings
@@ -20,18 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import soxr
 import torch
 from tqdm import tqdm
 
+from .beats import TRACK_HOP, TRACK_RATE, TRACKERS, beat_times
+
 BEAT_WINDOW = 0.07  # seconds either side: the paper's (and mir_eval's default) F-measure window
-TRACK_RATE = 22050  # librosa's beat tracker works at this rate...
-TRACK_HOP = 256  # ...with 11.6 ms frames: 512 lags clicks by ~25 ms and halves the tempo at 179 BPM
-TRACK_TAIL = 0.5  # seconds of silence appended before tracking
 MAX_FRAMES = 1500  # context, separator and stem share MusicGen's 30 s of positions
 SAMPLE_RATE = 32000  # EnCodec 32 kHz: the rate song windows are read at before a model is loaded
-TRACKERS = ("librosa", "beat_this")
-TRACKER_ID = f"librosa-{TRACK_RATE}-hop{TRACK_HOP}-tail{TRACK_TAIL}-untrimmed"  # in data.py's cache key of songs with tracked beats
 KAD_SCALE = 100  # kadtk reports MMD x 100; so do we, so that numbers read alike
 
 
@@ -41,36 +36,15 @@ class EvalError(Exception):
 
 # ---- beats --------------------------------------------------------------------------------------
 def track_beats(audio: np.ndarray, sample_rate: int, tracker: str = "librosa") -> np.ndarray:
-    """Beat times (s) of mono audio. librosa: dynamic programming over onset strength (Ellis 2007),
-    untrimmed (the first beat of a short clip is often weak, and trimming drops it), over the audio
-    followed by TRACK_TAIL of silence (without it the tracker puts a beat on the last frame), beats
-    in that tail dropped. beat_this: the Beat This! tracker (Foscarin et al. 2024), if installed
+    """Beat times (s) of mono audio, by stage_min.beats (the tracker training data uses too):
+    librosa (untrimmed, over the audio and a silent tail) or Beat This!, if installed
     (`pip install beat-this`; it downloads its weights on first use)."""
-    audio = np.asarray(audio, dtype=np.float32)
-    if tracker == "librosa":
-        import librosa  # slow to import: only when beats are tracked
-
-        y = soxr.resample(audio, sample_rate, TRACK_RATE).astype(np.float32)
-        y = np.pad(y, (0, int(TRACK_TAIL * TRACK_RATE)))
-        _, beats = librosa.beat.beat_track(y=y, sr=TRACK_RATE, hop_length=TRACK_HOP, trim=False, units="time")
-        beats = np.asarray(beats, dtype=np.float64)
-        return beats[beats < len(audio) / sample_rate]
-    if tracker == "beat_this":
-        beats, _ = _beat_this()(audio, sample_rate)
-        return np.asarray(beats, dtype=np.float64)
-    raise EvalError(f"unknown beat tracker {tracker!r}; choose one of {', '.join(TRACKERS)}")
-
-
-@functools.lru_cache(maxsize=1)
-def _beat_this():
+    if tracker not in TRACKERS:
+        raise EvalError(f"unknown beat tracker {tracker!r}; choose one of {', '.join(TRACKERS)}")
     try:
-        from beat_this.inference import Audio2Beats
-    except ImportError:
-        raise EvalError("the beat_this tracker is not installed: pip install beat-this") from None
-    try:
-        return Audio2Beats(checkpoint_path="final0", device="cuda" if torch.cuda.is_available() else "cpu", dbn=False)
-    except Exception as e:  # its weights are downloaded on first use
-        raise EvalError(f"beat_this could not load its weights ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        return beat_times(audio, sample_rate, tracker)
+    except ValueError as e:  # beat_this not installed, or its weights not loadable
+        raise EvalError(str(e)) from None
 
 
 def f_measure(reference_beats, estimated_beats) -> float:
@@ -275,12 +249,14 @@ def _song_beats(song, stems: dict, sample_rate: int, tracker: str) -> np.ndarray
 def song_window(song, target: str, seconds: float, sample_rate: int = SAMPLE_RATE, tracker: str = "librosa") -> SongWindow | None:
     """The first window (on a grid of half windows) where the target and at least one context stem
     are audible (peak >= the training data's silence level). Context = every audible stem but the
-    target and the stems training excludes (vocals). None (with a warning) when the song has no such
+    target and the stems training leaves out of contexts (vocals, percussion, wind, other_plucked). None (with a warning) when the song has no such
     window or cannot be read."""
     from . import data as D
     from .audio import AudioError
 
-    exclude, silence = D.DataConfig().exclude, D.DataConfig().silence
+    silence = D.DataConfig().silence
+    # the original's context stems; a stem of another naming (synthetic songs' chords) counts as one
+    may_be_context = [s for s in song.stems if s != target and (s in D.STAGE_CONTEXT_STEMS or s not in D.MOISESDB_STEMS)]
     try:
         stems = {s: D.load_stem(files, sample_rate) for s, files in sorted(song.stems.items())}
     except AudioError as e:
@@ -291,7 +267,7 @@ def song_window(song, target: str, seconds: float, sample_rate: int = SAMPLE_RAT
     stems = {s: np.pad(a, (0, length - len(a))) for s, a in stems.items()}
     for start in range(0, length - n + 1, max(1, n // 2)):
         span = slice(start, start + n)
-        others = [s for s in stems if s != target and s not in exclude and np.abs(stems[s][span]).max() >= silence]
+        others = [s for s in stems if s in may_be_context and np.abs(stems[s][span]).max() >= silence]
         if others and np.abs(stems[target][span]).max() >= silence:
             break
     else:

@@ -5,8 +5,9 @@ Four layouts come in (README, "Checkpoint layouts"):
 - "native": ours (config.json with "format": "stage_min");
 - "audiocraft": a folder with state_dict.bin (LM) and compression_state_dict.bin (EnCodec); t5-base
   comes from its own folder or hub id;
-- "stage": the official STAGE checkpoints, one safetensors file (whatever its suffix) of the whole
-  Lightning module of github.com/giorgioskij/stage: an x-transformers 1.26.0 LM under "lm.decoder.",
+- "stage": the official STAGE checkpoints, one file of the whole Lightning module of
+  github.com/giorgioskij/stage, safetensors or a pickled state dict (optionally inside Lightning's
+  {"state_dict": ...}), told apart by content, not suffix: an x-transformers 1.26.0 LM under "lm.decoder.",
   audiocraft-named EnCodec under "encodec_model.", T5 and the text projection under
   "condition_provider.embedders.description.". The T5 config and tokenizer come from the t5 folder.
 
@@ -45,24 +46,57 @@ class Checkpoint:
 
 
 # ---- which layout -------------------------------------------------------------------------------
-def _looks_like_safetensors(path: Path) -> bool:
-    """The first bytes of a safetensors file: an 8-byte header length, then a JSON object."""
+def _file_kind(path: Path) -> str:
+    """What a weights file holds, from its first bytes (never from its suffix): "safetensors" (an
+    8-byte little-endian header length, then a JSON header), "torch-zip" (torch.save's zip
+    archive), "pickle" (torch.save's legacy format), or "" for anything else."""
     try:
         with open(path, "rb") as f:
             head = f.read(9)
     except OSError as e:
         raise LoadError(f"cannot read {path} ({e.strerror or type(e).__name__})") from None
-    return len(head) == 9 and 2 <= int.from_bytes(head[:8], "little") < 2**31 and head[8:9] == b"{"
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if head[:1] == b"\x80":  # pickle protocol 2+ opcode
+        return "pickle"
+    if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 2**31:
+        return "safetensors"
+    return ""
+
+
+def read_weights_file(path: Path, kind: str | None = None) -> dict:
+    """A state dict from a safetensors file or a pickled (torch.save) one, whatever the suffix. A
+    Lightning-style {"state_dict": {...}, ...} wrapper is unwrapped. Pickles go through
+    loading.safe_torch_load (weights_only): one that holds anything but tensors and plain
+    containers is refused."""
+    kind = kind or _file_kind(path)
+    if kind == "safetensors":
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise LoadError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if kind not in ("torch-zip", "pickle"):
+        raise LoadError(f"{path} is neither a safetensors file nor a torch.save file")
+    # mmap (zip format only): a 1-2 GB checkpoint is not copied into memory to look at it
+    pkg = safe_torch_load(path, mmap=kind == "torch-zip")
+    if isinstance(pkg, dict) and isinstance(pkg.get("state_dict"), dict):  # Lightning checkpoint
+        pkg = pkg["state_dict"]
+    if not isinstance(pkg, dict) or not all(isinstance(v, torch.Tensor) for v in pkg.values()):
+        raise LoadError(f"{path} holds no state dict (a mapping of names to tensors)")
+    return pkg
 
 
 def _is_stage_file(path: Path) -> bool:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return any(k.startswith("lm.decoder.") for k in f.keys())
-    except Exception as e:  # not safetensors at all, or a damaged one
-        if _looks_like_safetensors(path):
+    kind = _file_kind(path)
+    if kind == "safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return any(k.startswith("lm.decoder.") for k in f.keys())
+        except Exception as e:  # a header that promises safetensors, then a damaged file
             raise LoadError(f"{path}: a damaged safetensors file (truncated?): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        return False
+    if kind:  # a pickle that cannot be read safely says so (LoadError) rather than "not a STAGE file"
+        return any(k.startswith("lm.decoder.") for k in read_weights_file(path, kind))
+    return False
 
 
 def detect_layout(name: str) -> tuple[str, Path]:
@@ -71,7 +105,7 @@ def detect_layout(name: str) -> tuple[str, Path]:
     if path.is_file():
         if _is_stage_file(path):
             return "stage", path
-        raise LoadError(f"{name} is a file but not a STAGE checkpoint (a safetensors file with lm.decoder.* keys); "
+        raise LoadError(f"{name} is a file but not a STAGE checkpoint (a safetensors or torch.save file with lm.decoder.* keys); "
                         "the other layouts are folders")
     folder = resolve_model_dir(name)
     if (folder / "config.json").exists():
@@ -85,7 +119,7 @@ def detect_layout(name: str) -> tuple[str, Path]:
     if (folder / "state_dict.bin").exists():
         return "audiocraft", folder
     weights = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
-    stage_files = [p for p in weights if _is_stage_file(p)]
+    stage_files = [p for p in weights if p.is_file() and _is_stage_file(p)]
     if len(stage_files) == 1:
         return "stage", stage_files[0]
     if len(stage_files) > 1:
@@ -375,10 +409,7 @@ def lm_config_from_stage(state: dict) -> LMConfig:
 
 
 def _read_stage(path: Path, t5) -> Checkpoint:
-    try:
-        state = load_file(str(path))
-    except Exception as e:
-        raise LoadError(f"cannot read {path}: {type(e).__name__}") from None
+    state = read_weights_file(path)
     for needed in (f"{STAGE_LM}token_emb.emb.0.weight", f"{STAGE_TEXT}output_proj.weight"):
         if needed not in state:
             raise LoadError(f"STAGE checkpoint {path.name}: missing key {needed}")

@@ -79,11 +79,13 @@ def has_weights(folder: Path) -> bool:
 
 
 # ---- reading files ------------------------------------------------------------------------------
-def safe_torch_load(path: Path, legacy_numpy: bool = False):
+def safe_torch_load(path: Path, legacy_numpy: bool = False, mmap: bool = False):
     """torch.load that never runs pickled code (weights_only=True): tensors, numbers, strings and
     containers only. A file that pickles anything else is refused in one line (torch's warnings
     about pickle protocols are silenced: the error says it all). legacy_numpy also reads numpy
-    arrays (the RNG state in train_state.pt of runs saved before step folders); still no code runs."""
+    arrays (the RNG state in train_state.pt of runs saved before step folders); still no code runs.
+    mmap (torch.save's zip format only) maps the tensors rather than copying a large file into memory.
+    The file is opened here, so its suffix never decides how torch reads it."""
     import numpy as np
 
     allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
@@ -91,7 +93,10 @@ def safe_torch_load(path: Path, legacy_numpy: bool = False):
     try:
         with warnings.catch_warnings(), torch.serialization.safe_globals(allowed):
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            if mmap and Path(path).suffix != ".safetensors":  # torch.load would hand that name to safetensors
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            with open(path, "rb") as f:
+                return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:
         text = str(e)
         if "Weights only load failed" in text or type(e).__name__ == "UnpicklingError":

@@ -62,7 +62,10 @@ class MusicGen(torch.nn.Module):
     def generate(self, prompts: list[str], n_frames: int, sampling: SamplingConfig | None = None,
                  seed: int | None = None, progress: bool = False, compile: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Text-to-music. Returns audio (B, 1, samples) in fp32 and codes (B, K, n_frames).
-        compile: torch.compile the decode step (pays from the second generation of the same size)."""
+        compile: torch.compile the decode step (pays from the second generation of the same size).
+        A STAGE model (with a context token) gets `[separator][target]`, no context frames, in both
+        guidance halves: what the original STAGE builds for context=None, and what every training
+        row with a dropped context looks like. A plain MusicGen gets its own grid."""
         sampling = sampling or SamplingConfig()
         sampling.check()
         window = getattr(self, "window_frames", None)
@@ -74,6 +77,10 @@ class MusicGen(torch.nn.Module):
                                   compile=compile, drop_context=True)
             return torch.stack([a for a, _ in out])[:, None], torch.stack([c for _, c in out])
         K, special = self.lm.cfg.n_codebooks, self.lm.cfg.special_id
+        if self.lm.cfg.n_special >= 2:
+            no_context = torch.zeros(len(prompts), K, 0, dtype=torch.long, device=self.device)
+            return self._stage_rows(no_context, torch.zeros(len(prompts), dtype=torch.long, device=self.device),
+                                    prompts, n_frames, sampling, seed, progress, compile)
         R = len(prompts) * (2 if sampling.cfg_coef != 1.0 else 1)  # rows: conditional (+ unconditional)
         valid = delay.valid_mask(K, n_frames, self.device)
         grid = torch.full((R, K, n_frames + K), special, dtype=torch.long, device=self.device)
@@ -117,6 +124,12 @@ class MusicGen(torch.nn.Module):
         codes = [self.encode_context(c)[:, :, :n_frames] for c in contexts]
         lengths = torch.tensor([c.shape[-1] for c in codes], device=self.device)
         context = torch.stack([torch.nn.functional.pad(c[0], (int(lengths.max()) - c.shape[-1], 0), value=cfg.special_id) for c in codes])
+        return self._stage_rows(context, lengths, prompts, n_frames, sampling, seed, progress, compile, n_out)
+
+    def _stage_rows(self, context, lengths, prompts, n_frames, sampling, seed, progress, compile, n_out=None):
+        """`[context][separator][stem]` rows (context (B, K, C) right-aligned, C may be 0) -> the stem's
+        first n_out frames (default all n_frames: a fixed-window model fills its window, then is cut)."""
+        cfg, n_out = self.lm.cfg, n_out or n_frames
         grid, known, keep, C = generation_rows(context, lengths, n_frames, cfg.special_id, cfg.context_id,
                                                guidance=sampling.cfg_coef != 1.0)
         grid = self._fill(prompts, grid, known, keep, sampling, seed, progress, compile)

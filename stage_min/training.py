@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import delay
 from .data import DataConfig, Example
 from .loading import (LATEST, LoadError, follow_latest, is_native, read_config, safe_torch_load, save_native,
                       with_default_mode, write_atomic)
@@ -50,6 +51,13 @@ class TrainConfig:
     beta2: float = 0.95
     weight_decay: float = 1e-3
     clip: float = 1.0
+    clip_mode: str = "value"  # the original clips each gradient value to [-clip, clip]; "norm": the global norm
+    precision: str = "fp16"  # on CUDA: fp16 autocast + GradScaler (the original's), bf16 autocast, or fp32; CPU: fp32
+    decay_all: bool = True  # weight decay on every parameter (the original); False: not on biases and norms
+    valid_steps_only: bool = True  # loss without the last k frames of codebook k (keep_only_valid_steps)
+    zero_special_row: bool = True  # the start/gap token's embedding zero and frozen (padding_idx), new LMs
+    attend_start_step: bool = False  # the all-special start step is masked, new LMs
+    separator_init: str = "kaiming"  # the new separator row: Kaiming normal (the original) or "mean" of the code rows
     p_text_drop: float = 0.5  # whole prompt dropped -> null condition
     p_context_drop: float = 0.1  # whole context removed (build_sequence's drop_context)
     p_word_drop: float = 0.3  # T5 word dropout: each word of a kept prompt removed (MusicGen's and STAGE's 0.3)
@@ -82,6 +90,9 @@ class TrainConfig:
             raise UsageError(f"--weight-decay must be >= 0, got {self.weight_decay:g}")
         if not self.clip > 0:
             raise UsageError(f"--clip must be > 0, got {self.clip:g}")
+        for name, choices in (("clip_mode", CLIP_MODES), ("precision", PRECISIONS), ("separator_init", SEPARATOR_INITS)):
+            if getattr(self, name) not in choices:
+                raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if not 0 <= self.seed <= 2**63 - 1:
             raise UsageError(f"--seed must be in [0, 2^63 - 1], got {self.seed}")
         if not re.fullmatch(r"(cpu|cuda(:\d+)?)?", self.device):
@@ -106,8 +117,12 @@ class TrainConfig:
 
     def to_json(self) -> dict:
         d = asdict(self)
-        d["data_cfg"]["exclude"] = list(d["data_cfg"]["exclude"])
+        for k in ("exclude", "context_stems"):
+            d["data_cfg"][k] = list(d["data_cfg"][k]) if d["data_cfg"][k] is not None else None
         return d
+
+
+CLIP_MODES, PRECISIONS, SEPARATOR_INITS = ("value", "norm"), ("fp16", "bf16", "fp32"), ("kaiming", "mean")
 
 
 # ---- model --------------------------------------------------------------------------------------
@@ -130,20 +145,39 @@ def init_weights(lm: MusicGenLM, std: float = 0.02):
 
 
 def build_model(cfg: TrainConfig):
-    """-> (MusicGen pipeline with a STAGE LM, base string to record in checkpoints)."""
+    """-> (MusicGen pipeline with a STAGE LM, base string to record in checkpoints). The new LM is
+    set up as the original's (REFERENCE.md 8.7) unless the config says otherwise: special row zeroed
+    and frozen, start step masked, separator row Kaiming-normal."""
     from .pipeline import MusicGen
 
     torch.manual_seed(cfg.seed)
     base = str(Path(cfg.base).resolve()) if Path(cfg.base).expanduser().is_dir() else cfg.base
     if cfg.preset == "small":  # the base's LM weights, with the context token appended
-        return MusicGen.from_pretrained(base, stage=True), base
-    text_encoder, codec = load_base(base)
-    overrides = {k: v for k, v in (("dim", cfg.dim), ("n_layers", cfg.layers), ("n_heads", cfg.heads)) if v}
-    lm_cfg = LMConfig.preset("tiny", text_dim=text_encoder.dim, n_special=2, card=codec.card,
-                             n_codebooks=codec.n_codebooks, **overrides)
+        model = MusicGen.from_pretrained(base, stage=True)
+        lm_cfg, state = model.lm.cfg, model.lm.state_dict()
+    else:
+        text_encoder, codec = load_base(base)
+        overrides = {k: v for k, v in (("dim", cfg.dim), ("n_layers", cfg.layers), ("n_heads", cfg.heads)) if v}
+        lm_cfg = LMConfig.preset("tiny", text_dim=text_encoder.dim, n_special=2, card=codec.card,
+                                 n_codebooks=codec.n_codebooks, **overrides)
+        lm = MusicGenLM(lm_cfg)
+        init_weights(lm)
+        model, state = MusicGen(lm, text_encoder, codec).eval(), lm.state_dict()
+    lm_cfg = replace(lm_cfg, zero_special_row=cfg.zero_special_row, attend_start_step=cfg.attend_start_step)
+    state = dict(state)
+    for k in range(lm_cfg.n_codebooks):
+        table = state[f"embed.{k}.weight"].clone()
+        if cfg.separator_init == "kaiming":  # as the original: a fresh row, nn.init.kaiming_normal_ on (1, dim)
+            nn.init.kaiming_normal_(table[lm_cfg.context_id:lm_cfg.context_id + 1])
+        else:
+            table[lm_cfg.context_id] = table[:lm_cfg.card].mean(0)
+        if lm_cfg.zero_special_row:
+            table[lm_cfg.special_id] = 0
+        state[f"embed.{k}.weight"] = table
     lm = MusicGenLM(lm_cfg)
-    init_weights(lm)
-    return MusicGen(lm, text_encoder, codec).eval(), base
+    lm.load_state_dict(state)
+    model.lm = lm
+    return model.eval(), base
 
 
 def validation_windows(val_songs: list, val_data: list, cfg: TrainConfig, codec, stats=None) -> list:
@@ -155,7 +189,8 @@ def validation_windows(val_songs: list, val_data: list, cfg: TrainConfig, codec,
     if not val_songs:
         return []
     try:
-        val = StemWindows(val_data, cfg.data_cfg, codec.frame_rate, codec.sample_rate, stats)
+        val_cfg = replace(cfg.data_cfg, augment=False)  # held-out windows as the songs are
+        val = StemWindows(val_data, val_cfg, codec.frame_rate, codec.sample_rate, stats)
         return [val.draw(np.random.default_rng([cfg.seed, 2**31, i])) for i in range(cfg.eval_windows)]
     except DataError as e:
         print(f"warning: validation is off: none of the {len(val_songs)} held-out song(s) is usable ({e})", file=sys.stderr)
@@ -190,11 +225,22 @@ class StopFlag:
 
 
 def make_optimizer(lm: MusicGenLM, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
-    # No decay for norms and biases (1-D tensors), as is usual for transformers.
-    decay = [p for p in lm.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in lm.parameters() if p.requires_grad and p.dim() < 2]
+    # The original decays every parameter; decay_all=False spares norms and biases (1-D tensors), GPT-style.
+    decay = [p for p in lm.parameters() if p.requires_grad and (cfg.decay_all or p.dim() >= 2)]
+    no_decay = [p for p in lm.parameters() if p.requires_grad and not (cfg.decay_all or p.dim() >= 2)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+
+
+def clip_gradients(lm: MusicGenLM, cfg: TrainConfig) -> torch.Tensor:
+    """Clip per value (the original's) or by the global norm; returns the global norm before
+    clipping, whose finiteness tells a diverged (or, with fp16, overflowed) step."""
+    if cfg.clip_mode == "norm":
+        return torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.clip)
+    grads = [p.grad for p in lm.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    torch.nn.utils.clip_grad_value_(lm.parameters(), cfg.clip)
+    return norm
 
 
 # ---- batches ------------------------------------------------------------------------------------
@@ -222,10 +268,19 @@ def text_inputs(text_encoder, captions: list, drop: list, device, dtype=torch.fl
     return states.to(device, dtype), mask.to(device)
 
 
+@torch.no_grad()
+def encode_targets(codec, audios: list, device) -> torch.Tensor:
+    """Target windows (equal lengths, whole frames) -> codes (B, K, T). Each window is encoded by
+    itself, as in the original and at inference (EnCodec's LSTM sees only the window, not the song
+    before it); equal lengths need no padding, so the rows go through as one batch."""
+    x = torch.from_numpy(np.stack(audios)).to(device)[:, None]
+    return codec.encode(x)[..., : audios[0].shape[0] // codec.hop].long()
+
+
 def make_batch(model, examples: list[Example], drop_text: list, drop_context: list, device) -> dict:
     lm_cfg = model.lm.cfg
     context, lengths = encode_contexts(model.codec, [e.context for e in examples], lm_cfg.special_id, device)
-    target = torch.stack([e.codes for e in examples]).to(device)
+    target = encode_targets(model.codec, [e.target for e in examples], device)
     seq = build_sequence(context, target, target.shape[-1], lm_cfg.special_id, lm_cfg.context_id, lengths,
                          torch.tensor(drop_context, device=device))
     states, mask = text_inputs(model.text_encoder, [e.caption for e in examples], drop_text, device)
@@ -255,11 +310,21 @@ def draw_examples(windows, cfg: TrainConfig, step: int, micro: int, indices) -> 
 
 
 # ---- loss ---------------------------------------------------------------------------------------
-def target_loss(logits: torch.Tensor, grid: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on target-frame tokens only, averaged per codebook, then over codebooks.
-    logits[:, :, s-1] predict grid[:, :, s]."""
+def valid_steps(target: torch.Tensor) -> torch.Tensor:
+    """The target mask without the last k frames of codebook k: the original's keep_only_valid_steps,
+    which cuts the delayed sequence where the last frame of codebook 0 is, so that those tokens are
+    never predicted. target (B, K, S) over a grid of S = frames + K steps."""
+    B, K, S = target.shape
+    frame = delay.frame_index(K, S, target.device)
+    k = torch.arange(K, device=target.device)[:, None]
+    return target & (frame < (S - K) - k)
+
+
+def target_loss(logits: torch.Tensor, grid: torch.Tensor, target: torch.Tensor, valid_only: bool = True) -> torch.Tensor:
+    """Cross-entropy on target-frame tokens only (valid steps only, by default), averaged per
+    codebook, then over codebooks. logits[:, :, s-1] predict grid[:, :, s]."""
     B, K, S, card = logits.shape
-    mask = target[:, :, 1:]
+    mask = (valid_steps(target) if valid_only else target)[:, :, 1:]
     lg = logits[:, :, :-1][mask].float()  # (N, card)
     y = grid[:, :, 1:][mask]
     k = torch.arange(K, device=grid.device)[None, :, None].expand(B, K, S - 1)[mask]
@@ -272,23 +337,23 @@ class StageLoss(nn.Module):
     """The LM with its loss, as one module, so that DistributedDataParallel sees the text
     projection and the decoder used in one forward."""
 
-    def __init__(self, lm: MusicGenLM):
+    def __init__(self, lm: MusicGenLM, valid_only: bool = True):
         super().__init__()
-        self.lm = lm
+        self.lm, self.valid_only = lm, valid_only
 
     def forward(self, grid, keep, target, states, mask):
         text = self.lm.project_text(states, mask)
         logits = self.lm(grid, text, mask, keep)
-        return target_loss(logits, grid, target)
+        return target_loss(logits, grid, target, self.valid_only)
 
 
 @torch.no_grad()
-def evaluate(lm: MusicGenLM, batches: list[dict], autocast) -> dict:
+def evaluate(lm: MusicGenLM, batches: list[dict], autocast, valid_only: bool = True) -> dict:
     """Target-frame loss on held-out windows, with the real context and with the context dropped:
     the gap between the two is what the context is worth to the model."""
     was_training = lm.training
     lm.eval()
-    loss_fn = StageLoss(lm)
+    loss_fn = StageLoss(lm, valid_only)
     totals = {"val_loss": 0.0, "val_loss_nocontext": 0.0}
     lm_cfg = lm.cfg
     n_windows = 0
@@ -358,9 +423,18 @@ def latest_checkpoint(out: Path) -> Path | None:
     return None
 
 
-def save_checkpoint(out: Path, lm: MusicGenLM, base: str, step: int, cfg: TrainConfig, optimizer):
+def scaler_state(scaler) -> dict | None:
+    """fp16's GradScaler state (the loss scale it has settled on) as plain numbers, so that
+    train_state.pt loads with weights_only; None when no scaler is in use."""
+    if scaler is None or not scaler.is_enabled():
+        return None
+    return {k: (v.item() if torch.is_tensor(v) else v) for k, v in scaler.state_dict().items()}
+
+
+def save_checkpoint(out: Path, lm: MusicGenLM, base: str, step: int, cfg: TrainConfig, optimizer, scaler=None):
     """Write step-N/ complete under a temporary name, rename it, switch `latest` to it, then delete
-    the checkpoint it replaces. The weights are checked first: a diverged model is never saved."""
+    the checkpoint it replaces. The weights are checked first: a diverged model is never saved.
+    train_state.pt holds the optimizer, RNG and (fp16) loss-scaler states, tensors and numbers only."""
     out = Path(out)
     lm_state = lm.state_dict()
     bad = next((k for k, v in lm_state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
@@ -372,6 +446,8 @@ def save_checkpoint(out: Path, lm: MusicGenLM, base: str, step: int, cfg: TrainC
     if previous is not None and previous.name == name:
         return  # this very step is already saved (a Ctrl-C right after a scheduled save)
     state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "identity": cfg.identity()}
+    if (scaled := scaler_state(scaler)) is not None:
+        state["scaler"] = scaled
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
     try:
         torch.save(state, tmp / STATE_FILE)

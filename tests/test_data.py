@@ -53,7 +53,7 @@ def prepare(root, cfg, codec=None, cache=None, stats=None):
     codec = codec or FakeCodec()
     stats = stats or D.Stats()
     cache = cache or root / ".cache"
-    out = [D.prepare_song(s, cfg, codec, "cpu", cache, D.codec_identity(codec), stats) for s in D.find_songs(root)]
+    out = [D.prepare_song(s, cfg, codec, "cpu", cache, stats) for s in D.find_songs(root)]
     return [s for s in out if s is not None], stats, codec
 
 
@@ -97,8 +97,13 @@ def test_missing_or_empty_data_folder_is_a_clear_error(tmp_path):
         D.find_songs(tmp_path / "notes.txt")
 
 
+def plain(**kw):
+    """A DataConfig for the tone songs: any stem but vocals in a context, no augmentation."""
+    return D.DataConfig(**{"target": "drums", "context_stems": None, "exclude": ("vocals",), "augment": False, **kw})
+
+
 def test_windows_and_contexts(dataset):
-    cfg = D.DataConfig(target="drums", target_seconds=1.0, context_min=0.5, context_max=1.0, context_step=0.25, p_metronome=0.0)
+    cfg = plain(target_seconds=1.0, context_min=0.5, context_max=1.0, context_step=0.25, p_metronome=0.0)
     songs, stats, codec = prepare(dataset, cfg)
     w = D.StemWindows(songs, cfg, codec.frame_rate, SR, stats)
     assert w.n_target == 50 and w.context_lengths == [25, 38, 50]
@@ -106,8 +111,8 @@ def test_windows_and_contexts(dataset):
     seen = set()
     for i in range(60):
         ex = w.draw(np.random.default_rng(i))
-        assert ex.codes.shape == (4, 50)
-        assert torch.equal(ex.codes, sd.codes[:, ex.start:ex.start + 50].long())
+        assert ex.target.shape == (50 * HOP,)  # the window's target audio, encoded by the training loop
+        np.testing.assert_allclose(ex.target, D.read_segment(sd.song.stems["drums"], ex.start / 50, 1.0, SR))
         assert sd.peaks["drums"][ex.start:ex.start + 50].max() >= cfg.silence  # never a silent target
         assert ex.start + 50 > 2.0 * 50  # the target is silent before 2 s
         assert ex.context_stems == ["chords"]  # not the target, not vocals (excluded), not the silent bass
@@ -127,7 +132,7 @@ def test_windows_and_contexts(dataset):
 def test_context_is_a_random_nonempty_subset(tmp_path):
     write_song(tmp_path / "s", {"drums": tone(4, 100), "bass": tone(4, 55), "chords": tone(4, 330), "keys": tone(4, 600),
                                 "vocals": tone(4, 440)})
-    cfg = D.DataConfig(target="drums", target_seconds=1.0, context_min=1.0, context_max=1.0, p_metronome=0.0)
+    cfg = plain(target_seconds=1.0, context_min=1.0, context_max=1.0, p_metronome=0.0)
     songs, stats, codec = prepare(tmp_path, cfg)
     w = D.StemWindows(songs, cfg, codec.frame_rate, SR, stats)
     subsets = {tuple(w.draw(np.random.default_rng(i)).context_stems) for i in range(200)}
@@ -138,7 +143,7 @@ def test_context_is_a_random_nonempty_subset(tmp_path):
 
 
 def test_metronome_pairs(dataset):
-    cfg = D.DataConfig(target="drums", target_seconds=1.0, context_min=1.0, context_max=1.0, p_metronome=1.0)
+    cfg = plain(target_seconds=1.0, context_min=1.0, context_max=1.0, p_metronome=1.0)
     songs, stats, codec = prepare(dataset, cfg)
     w = D.StemWindows(songs, cfg, codec.frame_rate, SR, stats)
     for i in range(10):
@@ -176,14 +181,15 @@ def test_beat_tracker_runs_once_and_is_cached(tmp_path, monkeypatch):
     write_song(tmp_path / "s", {"drums": tone(3, 100), "bass": tone(3, 55)})  # no beats.txt
     calls = []
 
-    def fake_tracker(mix, sr):
+    def fake_tracker(mix, sr, tracker, device):
         calls.append(len(mix))
-        return np.array([0.25, 0.75, 1.25])
+        return np.array([0.25, 0.75, 1.25]), np.array([False, True, False])
 
     monkeypatch.setattr(D, "track_beats", fake_tracker)
     cfg = D.DataConfig(target="drums", target_seconds=1.0, context_min=1.0, context_max=1.0)
     songs, _, _ = prepare(tmp_path, cfg)
     np.testing.assert_allclose(songs[0].beats, [0.25, 0.75, 1.25])
+    assert songs[0].downbeats.tolist() == [False, True, False]
     assert calls == [3 * SR]  # on the full mixture
     songs, _, _ = prepare(tmp_path, cfg)
     assert len(calls) == 1 and len(songs[0].beats) == 3
@@ -192,32 +198,34 @@ def test_beat_tracker_runs_once_and_is_cached(tmp_path, monkeypatch):
 def test_librosa_beat_tracker_finds_a_steady_tempo():
     from stage_min.metronome import metronome
 
-    beats = D.track_beats(metronome(120, 8.0), SR)
-    assert len(beats) >= 10
+    beats, down = D.track_beats(metronome(120, 8.0), SR)
+    assert len(beats) >= 10 and down.sum() == len(range(0, len(beats) - int(np.argmax(down)), 4))
     assert abs(np.median(np.diff(beats)) - 0.5) < 0.03
 
 
-def test_code_cache_reused_and_invalidated(dataset):
+def test_song_cache_reused_and_invalidated(dataset, monkeypatch):
     cfg = D.DataConfig(target="drums", target_seconds=1.0, context_min=1.0, context_max=1.0)
+    reads = []
+    real = D.load_stem
+    monkeypatch.setattr(D, "load_stem", lambda files, sr: reads.append(files) or real(files, sr))
     songs, _, codec = prepare(dataset, cfg)
-    assert codec.calls == 1
-    first = songs[0].codes.clone()
+    assert len(reads) == 4 and codec.calls == 0  # every stem read once for its peaks; nothing encoded
+    first = songs[0].peaks["drums"].copy()
+    np.testing.assert_allclose(first[:100], 0, atol=1e-6)  # drums start at 2 s
     songs, _, _ = prepare(dataset, cfg, codec=codec)
-    assert codec.calls == 1  # a cache hit: nothing encoded
-    assert torch.equal(songs[0].codes, first)
-    # another codec (other weights) never reuses these codes
-    other = FakeCodec(scale=2000)
-    songs, _, _ = prepare(dataset, cfg, codec=other)
-    assert other.calls == 1 and not torch.equal(songs[0].codes, first)
+    assert len(reads) == 4  # a cache hit: nothing read
+    # another target reuses the same song summary
+    songs, _, _ = prepare(dataset, D.DataConfig(target="bass", target_seconds=1.0, context_min=1.0, context_max=1.0))
+    assert len(reads) == 4 and songs[0].target == "bass"
     # changed audio invalidates the entry
     sf.write(dataset / "songA" / "drums.wav", tone(6, 100, amp=0.9), SR, subtype="FLOAT")
     songs, _, _ = prepare(dataset, cfg, codec=codec)
-    assert codec.calls == 2 and not torch.equal(songs[0].codes, first)
+    assert len(reads) == 8 and songs[0].peaks["drums"][0] > 0.5
     # a corrupt cache file is recomputed, not fatal
     for f in (dataset / ".cache").iterdir():
         f.write_bytes(b"garbage")
     songs, _, _ = prepare(dataset, cfg, codec=codec)
-    assert codec.calls == 3 and len(songs) == 1
+    assert len(reads) == 12 and len(songs) == 1
 
 
 def test_bad_files_are_skipped_and_counted(tmp_path, capsys):
@@ -229,7 +237,7 @@ def test_bad_files_are_skipped_and_counted(tmp_path, capsys):
     write_song(tmp_path / "no_drums", {"bass": tone(3, 55)})
     write_song(tmp_path / "short", {"drums": tone(0.5, 100), "bass": tone(0.5, 55)}, beats=BEATS)
     (tmp_path / "good" / "beats.txt").write_text("not a number\n")
-    cfg = D.DataConfig(target="drums", target_seconds=1.0, context_min=1.0, context_max=1.0, p_metronome=0.0)
+    cfg = plain(target_seconds=1.0, context_min=1.0, context_max=1.0, p_metronome=0.0)
     songs, stats, codec = prepare(tmp_path, cfg)
     assert sorted(s.song.name for s in songs) == ["bad_context", "good", "short"]
     assert stats.bad_files == 3  # two unreadable audio files and one unreadable beats.txt
@@ -267,3 +275,130 @@ def test_word_dropout_removes_words_at_the_given_rate():
     assert kept == [w for w in caption.split() if w in set(kept)]  # order kept, nothing invented
     assert drop_words(caption, 0.0, np.random.default_rng(0)) == caption
     assert drop_words(caption, 1.0, np.random.default_rng(0)) == ""
+
+
+# ---- the original recipe (REFERENCE.md 8.8) ------------------------------------------------------
+def test_default_context_stems_are_the_originals(tmp_path):
+    write_song(tmp_path / "s", {name: tone(3, 100 + 50 * i) for i, name in enumerate(
+        ["drums", "bass", "guitar", "vocals", "percussion", "wind", "other_plucked", "piano"])})
+    cfg = D.DataConfig(target="drums", target_seconds=1.0, context_min=1.0, context_max=1.0, p_metronome=0.0, augment=False)
+    songs, stats, codec = prepare(tmp_path, cfg)
+    w = D.StemWindows(songs, cfg, codec.frame_rate, SR, stats)
+    used = {s for i in range(100) for s in w.draw(np.random.default_rng(i)).context_stems}
+    assert used == {"bass", "guitar", "piano"}  # never vocals, percussion, wind, other_plucked, nor the target
+    cfg.check_stem_names(D.find_songs(tmp_path))
+    with pytest.raises(D.DataError, match="unknown stem 'gitar'"):
+        D.DataConfig(context_stems=("bass", "gitar")).check_stem_names(D.find_songs(tmp_path))
+    with pytest.raises(ValueError, match="speed"):
+        D.DataConfig(speed_min=0.5, speed_max=4.5).check()
+    with pytest.raises(ValueError, match="speed"):
+        D.DataConfig(speed_min=0.0, speed_max=1.2).check()
+    D.DataConfig(speed_min=0.25, speed_max=4.0).check()
+
+
+def test_context_length_whole_window_or_uniform_prefix(dataset):
+    cfg = plain(target_seconds=1.0, context_min=0.5, context_max=0.9, p_metronome=0.0)
+    songs, stats, codec = prepare(dataset, cfg)
+    w = D.StemWindows(songs, cfg, codec.frame_rate, SR, stats)
+    lengths = [len(w.draw(np.random.default_rng(i)).context) // HOP for i in range(400)]
+    full = sum(n == 50 for n in lengths)
+    assert 5 <= full <= 40  # binomial(400, 0.05): the whole window now and then
+    rest = [n for n in lengths if n != 50]
+    assert min(rest) >= 25 and max(rest) <= 45 and len(set(rest)) >= 18  # every frame count, not a 0.5 s grid
+    cfg.p_full_context, cfg.context_min, cfg.context_max = 0.0, 0.6, 0.6  # a fixed context length
+    assert {len(w.draw(np.random.default_rng(i)).context) // HOP for i in range(50)} == {30}
+
+
+def test_silence_is_judged_over_the_whole_window(tmp_path):
+    # the bass is silent over the 1 s context prefix but not over the 2 s window: as in the original,
+    # silence is judged over the window, so the bass is a context stem (here a silent one)
+    write_song(tmp_path / "s", {"drums": tone(2, 100), "bass": tone(2, 55, start=1.5)})
+    cfg = plain(target_seconds=2.0, context_min=1.0, context_max=1.0, p_full_context=0.0, p_metronome=0.0)
+    songs, stats, codec = prepare(tmp_path, cfg)
+    ex = D.StemWindows(songs, cfg, codec.frame_rate, SR, stats).draw(np.random.default_rng(0))
+    assert ex.context_stems == ["bass"] and np.abs(ex.context).max() == 0  # the prefix itself is silent
+
+
+def test_augmentation_stretches_target_context_and_beats_alike(dataset):
+    from stage_min import augment
+
+    cfg = plain(target_seconds=1.0, context_min=1.0, context_max=1.0, p_metronome=0.0,
+                augment=True, p_speed=1.0, speed_min=0.8, speed_max=0.8, p_pitch=1.0, pitch_semitones=2)
+    songs, stats, codec = prepare(dataset, cfg)
+    w = D.StemWindows(songs, cfg, codec.frame_rate, SR, stats)
+    ex = w.draw(np.random.default_rng(0))
+    assert ex.aug.ratio == 0.8 and -2 <= ex.aug.semitones <= 2
+    sd, t0 = songs[0], ex.start / 50
+    for audio, stems in ((ex.target, ["drums"]), (ex.context, ex.context_stems)):
+        src = D.read_segment([f for s in stems for f in sd.song.stems[s]], t0, 1.0 / 0.8, SR)  # 1.25 s of song
+        np.testing.assert_allclose(audio, augment.apply(src, SR, ex.aug, 50 * HOP)[:len(audio)], atol=1e-6)
+    assert not np.allclose(ex.target, D.read_segment(sd.song.stems["drums"], t0, 1.0, SR), atol=1e-2)
+    # metronome pairs: the clicks fall where the stretched beats fall (0.5 s apart in the song -> 0.4 s)
+    cfg.p_metronome = 1.0
+    ex = w.draw(np.random.default_rng(1))
+    beats = (np.array([t for t, _ in BEATS]) - ex.start / 50) * 0.8
+    inside = (beats >= 0) & (beats < 1.0)
+    down = np.array([p == 1 for _, p in BEATS])[inside]
+    np.testing.assert_array_equal(ex.context, click_track(beats[inside], 1.0, sample_rate=SR, downbeats=down))
+    # pitch: a 220 Hz tone shifted by +4 semitones comes out near 277 Hz
+    import librosa
+
+    shifted = augment.apply(tone(1.0, 220.0), SR, augment.Augmentation(1.0, 4), SR)
+    f0 = np.median(librosa.yin(shifted[SR // 4: 3 * SR // 4], fmin=100, fmax=600, sr=SR))
+    assert abs(f0 - 220 * 2 ** (4 / 12)) < 5
+
+
+def test_augmentation_draws_follow_the_probabilities():
+    from stage_min import augment
+
+    draws = [augment.draw(np.random.default_rng(i), 0.5, 0.8, 1.2, 0.5, 4) for i in range(400)]
+    speed = [d.ratio for d in draws if d.ratio != 1.0]
+    pitch = [d.semitones for d in draws if d.semitones != 0]
+    assert 160 <= len(speed) <= 240 and min(speed) >= 0.8 and max(speed) <= 1.2
+    assert 130 <= len(pitch) <= 220 and set(pitch) <= set(range(-4, 5))  # 0 is a possible draw too
+    assert all(d == augment.Augmentation() for d in (augment.draw(np.random.default_rng(i), 0, 0.8, 1.2, 0, 4) for i in range(20)))
+
+
+def test_librosa_downbeat_rule_on_synthetic_songs(tmp_path):
+    """The bar phase chosen by the low-frequency rule matches the annotated downbeats (stage_min.synth
+    writes positions), with the annotated beat times and with librosa's own."""
+    from stage_min import beats, synth
+
+    rng = np.random.default_rng(5)
+    songs = []
+    for _ in range(6):
+        song = synth.make_song(rng, 12.0)
+        mix = song["drums"] + song["bass"] + song["chords"]
+        times = np.array([t for t, _ in song["beats"]])
+        songs.append((mix.astype(np.float32), 32000, times, np.array([p == 1 for _, p in song["beats"]])))
+    r = beats.phase_accuracy(songs)
+    assert r["rule"] >= 5 / 6 and r["tracked"] >= 4 / 6, r
+
+
+def test_beat_this_is_optional_with_a_clear_error(monkeypatch):
+    import sys
+
+    from stage_min import beats
+
+    monkeypatch.setitem(sys.modules, "beat_this", None)  # as if not installed
+    with pytest.raises(ValueError, match="pip install beat-this") as e:
+        beats.check_tracker("beat_this")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="beat-tracker"):
+        beats.check_tracker("madmom")
+
+    class FakeAudio2Beats:  # Beat This!'s interface: (signal, sr) -> (beat times, downbeat times)
+        def __init__(self, checkpoint_path, device, dbn):
+            assert checkpoint_path == "final0" and not dbn
+
+        def __call__(self, signal, sr):
+            return np.array([0.5, 1.0, 1.5, 2.0, 2.5]), np.array([1.0, 3.0 - 1e-4 - 0.5])
+
+    import types
+    fake = types.ModuleType("beat_this.inference")
+    fake.Audio2Beats = FakeAudio2Beats
+    monkeypatch.setitem(sys.modules, "beat_this", types.ModuleType("beat_this"))
+    monkeypatch.setitem(sys.modules, "beat_this.inference", fake)
+    monkeypatch.setattr(beats, "_beat_this", {})
+    t, down = D.track_beats(np.zeros(SR, np.float32), SR, "beat_this")
+    assert t.tolist() == [0.5, 1.0, 1.5, 2.0, 2.5] and down.tolist() == [False, True, False, False, True]

@@ -48,7 +48,8 @@ def test_f_measure_edge_cases_and_one_tracker_for_training_data():
     assert np.isnan(E.tempo_of([1.0]))
     from stage_min import data as D
 
-    assert D.track_beats is E.track_beats
+    click = metronome(120, 4.0)  # training data's tracker adds downbeats; its beat times are evaluation's
+    assert np.array_equal(D.track_beats(click, SR)[0], E.track_beats(click, SR))
     with pytest.raises(E.EvalError, match="unknown beat tracker"):
         E.track_beats(np.zeros(SR), SR, "madmom")
 

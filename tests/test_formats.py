@@ -296,6 +296,60 @@ def test_stage_exports_native_not_hf(stage_ckpt, t5_dir, tmp_path):
     assert detect_layout(str(folder))[0] == "stage"
 
 
+class NotATensor:
+    """Stands for anything a Lightning checkpoint may pickle besides tensors (hyper-parameters, ...)."""
+
+
+@pytest.fixture(scope="module")
+def stage_reference(stage_ckpt, t5_dir):
+    """The safetensors STAGE file's model, rows and logits, to compare every other file form with."""
+    model = MusicGen.from_pretrained(str(stage_ckpt[0]), t5=str(t5_dir))
+    seq, text, text_mask = stage_rows(model)
+    with torch.no_grad():
+        return seq, text, text_mask, model.lm(seq.grid, text, text_mask, seq.keep)
+
+
+@pytest.mark.parametrize("name, form", [
+    ("stage-drums.pt", "state dict"),
+    ("stage-drums.safetensors", "state dict"),  # a pickle whatever the suffix says
+    ("stage-drums.ckpt", "lightning"),
+    ("stage-drums-legacy.pt", "legacy pickle"),
+])
+@torch.no_grad()
+def test_stage_checkpoint_in_every_file_form_gives_the_same_logits(name, form, stage_ckpt, stage_reference, t5_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    state = load_file(str(stage_ckpt[0]))
+    path = tmp_path / name
+    if form == "lightning":
+        torch.save({"state_dict": state, "epoch": 3, "global_step": 12000, "optimizer_states": []}, path)
+    else:
+        torch.save(state, path, _use_new_zipfile_serialization=form != "legacy pickle")
+    assert detect_layout(str(path)) == ("stage", path)
+    model = MusicGen.from_pretrained(str(path), t5=str(t5_dir))
+    assert model.layout == "stage" and model.lm.cfg.zero_special_row and not model.lm.cfg.attend_start_step
+    seq, text, text_mask, expected = stage_reference
+    assert torch.equal(model.lm(seq.grid, text, text_mask, seq.keep), expected)
+
+
+def test_stage_pickle_with_objects_is_refused_not_run(stage_ckpt, t5_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    path = tmp_path / "stage-drums.ckpt"
+    torch.save({"state_dict": load_file(str(stage_ckpt[0])), "hyper_parameters": NotATensor()}, path)
+    with pytest.raises(LoadError, match=r"stage-drums\.ckpt: refused: it pickles Python objects \(test_formats\.NotATensor\)") as e:
+        MusicGen.from_pretrained(str(path), t5=str(t5_dir))
+    assert "\n" not in str(e.value)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 64)
+    with pytest.raises(LoadError, match="not a STAGE checkpoint"):
+        detect_layout(str(junk))
+    other = tmp_path / "other.pt"
+    torch.save({"weight": torch.zeros(2)}, other)
+    with pytest.raises(LoadError, match="not a STAGE checkpoint"):
+        detect_layout(str(other))
+
+
 # ---- export to transformers ---------------------------------------------------------------------
 @torch.no_grad()
 def test_export_hf_reloads_in_transformers(audiocraft_dir, t5_dir, tmp_path):

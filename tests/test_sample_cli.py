@@ -42,3 +42,44 @@ def test_bad_options_fail_with_one_line(tiny_hf, tmp_path, args, message):
     assert message in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert not (tmp_path / "x.wav").exists()
+
+
+def test_genres_and_moods_build_the_stage_caption(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT))
+    import sample
+    from stage_min.captions import stage_caption
+
+    assert stage_caption("rock, indie", "energetic") == "Genres: rock, indie. Moods: energetic. "
+    assert stage_caption(" Rock ,Alternative Rock,, Pop Rock", " happy,love ") == \
+        "Genres: Rock, Alternative Rock, Pop Rock. Moods: happy, love. "  # the form of the shipped example captions
+    assert stage_caption(moods="energetic, happy") == "Moods: energetic, happy. "  # one part alone, as an example has it
+    assert stage_caption(genres="Pop") == "Genres: Pop. "
+    assert stage_caption() == ""
+    args = sample.parse_args(["--genres", "rock, indie", "--moods", "energetic", "--out", str(tmp_path / "x.wav")])
+    sample.check_options(args)
+    assert args.prompt == "Genres: rock, indie. Moods: energetic. "
+    assert "caption: 'Genres: rock, indie. Moods: energetic. '" in capsys.readouterr().err
+    # every mode takes it: a stack of stems, a folder of songs
+    import numpy as np
+    import soundfile as sf
+
+    (tmp_path / "songs").mkdir()
+    sf.write(str(tmp_path / "songs" / "a.wav"), np.full(3200, 0.1, np.float32), 32000)
+    for mode in (["--context", str(tmp_path / "songs" / "a.wav"), "--stems", "drums,bass", "--model", "drums=d",
+                  "--model", "bass=b", "--out", str(tmp_path / "y.wav")],
+                 ["--context", str(tmp_path / "songs"), "--out", str(tmp_path / "out")]):
+        args = sample.parse_args(["--moods", "happy", *mode])
+        sample.check_options(args)
+        assert args.prompt == "Moods: happy. "
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "funky", "--genres", "rock"], "not both"),
+    (["--prompt", "funky", "--moods", "happy"], "not both"),
+    (["--genres", " , "], "--genres has no item"),
+    (["--moods", ""], "--moods has no item"),
+])
+def test_bad_caption_options_fail_with_one_line(tiny_hf, tmp_path, args, message):
+    r = run_sample("--model", tiny_hf[0], "--out", tmp_path / "x.wav", "--duration", 1, *args)
+    assert r.returncode == 2 and message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

@@ -139,3 +139,45 @@ def test_bad_input_as_a_user_sees_it(tmp_path):
     bad_files(tmp_path)
     r = run_cli("--context", tmp_path / "nan.wav", "--out", tmp_path / "x.wav")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {tmp_path / 'nan.wav'}: the audio contains NaN or infinite samples"]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("guidance", [3.0, 1.0])
+def test_text_only_generation_with_a_stage_model_has_the_separator(stage_run, tiny_hf, monkeypatch, guidance):
+    """As the original builds it for context=None (REFERENCE.md 8.4/8.5): frames [separator][target],
+    interleaved, in both guidance halves; no context frames. A plain MusicGen keeps its own grid."""
+    from stage_min import delay, pipeline
+    from stage_min.generate import SamplingConfig
+
+    seen = []
+    real = pipeline.generate_tokens
+
+    def spy(lm, grid, known, *a, **kw):
+        out = real(lm, grid, known, *a, **kw)
+        seen.append((grid.clone(), known.clone(), kw.get("keep"), out))
+        return out
+
+    monkeypatch.setattr(pipeline, "generate_tokens", spy)
+    K, n, P, X = 4, 6, 2048, 2049
+    sampling = SamplingConfig(cfg_coef=guidance)
+    rows = 2 if guidance != 1.0 else 1
+    model = pipeline.MusicGen.from_pretrained(str(stage_run))
+    _, codes = model.generate(["funky drums"], n, sampling, seed=0)
+    grid, known, keep, out = seen[-1]
+    expected = torch.full((K, 1 + n + K), P)  # start step, then the separator staggered by the delay
+    for k in range(K):
+        expected[k, 1 + k] = X
+    frame = delay.frame_index(K, 1 + n + K)
+    target = (frame >= 1) & (frame <= n)  # frame 0 is the separator
+    assert grid.shape == (rows, K, 1 + n + K)
+    assert torch.equal(known, (~target).expand(rows, K, -1))
+    assert torch.equal(grid[:, ~target], expected[~target].expand(rows, -1))  # both halves hold the separator
+    assert keep is not None and keep.all()  # nothing to mask but the start step (the model's own rule)
+    assert out.shape == (1, K, 1 + n + K) and torch.equal(out[:, ~target], expected[None, ~target])
+    assert (out[:, target] < P).all()
+    assert torch.equal(codes, delay.deinterleave(out)[:, :, 1:]) and codes.shape == (1, K, n)
+
+    plain = pipeline.MusicGen.from_pretrained(str(tiny_hf[0]))
+    _, codes = plain.generate(["funky drums"], n, sampling, seed=0)
+    grid, known, keep, out = seen[-1]
+    assert grid.shape == (rows, K, n + K) and not (grid == X).any() and not (out == X).any() and keep is None

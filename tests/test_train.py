@@ -65,6 +65,11 @@ def test_checkpoint_loads_and_resume_matches_uninterrupted(setup, tmp_path, monk
 
     model = MusicGen.from_pretrained(str(full))  # what sample.py --model does
     assert model.lm.cfg.n_special == 2 and model.lm.cfg.dim == 64
+    for k in range(4):  # after 5 steps at lr 1e-3 with weight decay, the special row is still exactly zero
+        assert model.lm.embed[k].weight[2048].abs().max() == 0
+    train_cfg = config["train"]  # the recipe's defaults, recorded with the run
+    assert train_cfg["clip_mode"] == "value" and train_cfg["precision"] == "fp16" and train_cfg["decay_all"]
+    assert train_cfg["data_cfg"]["augment"] and train_cfg["data_cfg"]["p_full_context"] == 0.05
     assert torch.equal(model.lm.embed[0].weight, lm_weights(full)["lm.embed.0.weight"])
 
     # Ctrl-C after 2 steps: a checkpoint at step 2, exit 130; resuming ends where `full` ended
@@ -112,8 +117,23 @@ def test_small_preset_starts_from_the_base_lm_with_a_context_token(setup, tmp_pa
     ref = read_state_dict(base)["decoder.model.decoder.embed_tokens.0.weight"]  # (2049, 64)
     emb = lm_weights(run)["lm.embed.0.weight"]
     assert emb.shape == (2050, 64)  # one row more: the context token
-    assert torch.allclose(emb[:2049], ref, atol=1e-6)
-    assert json.loads((checkpoint(run) / "config.json").read_text())["lm"]["n_special"] == 2
+    assert torch.allclose(emb[:2048], ref[:2048], atol=1e-6)
+    # the original's set-up (REFERENCE.md 8.7): special row zeroed (and frozen), start step masked,
+    # separator row Kaiming normal: std sqrt(2 / dim), far from the mean of the code rows
+    assert ref[2048].abs().max() > 0 and emb[2048].abs().max() == 0
+    assert 0.5 < emb[2049].std().item() / (2 / 64) ** 0.5 < 1.5
+    assert (emb[2049] - ref[:2048].mean(0)).norm() > 0.5
+    lm_cfg = json.loads((checkpoint(run) / "config.json").read_text())["lm"]
+    assert lm_cfg["n_special"] == 2 and lm_cfg["zero_special_row"] and not lm_cfg["attend_start_step"]
+    # the options that keep MusicGen's own set-up instead
+    run2 = tmp_path / "small_mean"
+    a2 = [x if x != str(run) else str(run2) for x in a]
+    train.main([*a2, "--preset", "small", "--lr", "1e-12", "--separator-init", "mean", "--train-special-row",
+                "--attend-start-step"])
+    emb = lm_weights(run2)["lm.embed.0.weight"]
+    assert torch.allclose(emb[:2049], ref, atol=1e-6) and torch.allclose(emb[2049], ref[:2048].mean(0), atol=1e-6)
+    lm_cfg = json.loads((checkpoint(run2) / "config.json").read_text())["lm"]
+    assert not lm_cfg["zero_special_row"] and lm_cfg["attend_start_step"]
 
 
 def run_cli(argv, capsys):
@@ -132,6 +152,15 @@ def test_cli_errors_are_one_line(setup, tmp_path, capsys):
         (["--context-min", "2"], "context"),
         (["--p-metronome", "1.5"], "p-metronome"),
         (["--target", "vocals", "--exclude", "vocals"], "exclude"),
+        (["--speed-min", "0"], "speed"),
+        (["--speed-max", "4.5"], "speed"),
+        (["--speed-min", "1.3"], "speed"),  # above --speed-max
+        (["--context-stems", "bass,gitar"], "unknown stem 'gitar'"),
+        (["--exclude", "vocals", "--context-stems", "bass"], "not both"),
+        (["--beat-tracker", "madmom"], "invalid choice"),
+        (["--clip-mode", "max"], "invalid choice"),
+        (["--precision", "fp8"], "invalid choice"),
+        (["--p-full-context", "2"], "p-full-context"),
         (["--max-steps", "x"], "invalid int"),
         (["--base", str(tmp_path / "nobase")], "not found"),
     ]
@@ -190,7 +219,7 @@ STAGE_EFFECT_OPTIONS = [
     # short windows (0.2 s): the drums' own past says little, the context a lot; mixture contexts of
     # the bass only (it plays on every kick, whose pattern changes every bar), no metronome pairs
     "--target-seconds", "0.2", "--context-min", "0.2", "--context-max", "0.2", "--exclude", "vocals,chords",
-    "--p-metronome", "0", "--batch-size", "32", "--lr", "3e-3", "--dim", "64", "--layers", "2", "--heads", "4",
+    "--p-metronome", "0", "--no-augment", "--batch-size", "32", "--lr", "3e-3", "--dim", "64", "--layers", "2", "--heads", "4",
     "--eval-windows", "128", "--eval-every", "100", "--val-fraction", "0.2",
 ]
 
@@ -209,3 +238,23 @@ def test_stage_effect_context_lowers_target_loss(setup, tmp_path):
           f"{last['val_loss_nocontext']:.3f} with the context dropped")
     assert last["val_loss"] < first["val_loss"] - 0.05  # it trained
     assert last["val_loss"] < last["val_loss_nocontext"] - 0.02  # and it uses the context
+
+
+def test_fp16_scaler_state_is_plain_numbers_and_loads_weights_only(tmp_path):
+    from stage_min.loading import safe_torch_load
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)  # the CUDA scaler's logic, on CPU
+    for _ in range(2):
+        scaler.scale((w ** 2).sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    state = T.scaler_state(scaler)
+    assert state["scale"] == 4096.0 and all(isinstance(v, (int, float)) for v in state.values())
+    torch.save({"scaler": state}, tmp_path / T.STATE_FILE)
+    restored = torch.amp.GradScaler("cpu")
+    restored.load_state_dict(safe_torch_load(tmp_path / T.STATE_FILE)["scaler"])
+    assert restored.get_scale() == 4096.0
+    assert T.scaler_state(None) is None and T.scaler_state(torch.amp.GradScaler("cpu", enabled=False)) is None
