@@ -91,3 +91,64 @@ def test_shipped_toy_loads_small_and_fp16():
     model = MusicGen.from_pretrained(str(TOY))
     assert next(model.lm.parameters()).dtype == torch.float32
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.skipif(not (TOY / "config.json").exists(), reason="weights/stage-toy is not built")
+def test_shipped_codec_keeps_the_hits():
+    """Held-out synthetic drums (a seed the codec never saw) through the shipped codec: the decoded
+    audio has the original's onsets and scores the same beat F1 against the song's grid."""
+    import librosa
+    import mir_eval
+
+    from stage_min.evaluation import beat_scores
+    from stage_min.pipeline import MusicGen
+
+    model = MusicGen.from_pretrained(str(TOY))
+    rng = np.random.default_rng(4242)
+    onset_f1, beat_gap = [], []
+    for _ in range(3):
+        song = synth.make_song(rng, 6.0, style=synth.TOY)
+        x = song["drums"]
+        with torch.no_grad():
+            y = model.codec.decode(model.codec.encode(torch.from_numpy(x)[None, None]))[0, 0, :len(x)].numpy()
+        ox, oy = (librosa.onset.onset_detect(y=a, sr=32000, units="time") for a in (x, y))
+        onset_f1.append(mir_eval.onset.f_measure(ox, oy, 0.05)[0])
+        ref = np.array([t for t, _ in song["beats"]])
+        beat_gap.append(beat_scores(x, 32000, ref)["f_measure"] - beat_scores(y, 32000, ref)["f_measure"])
+        assert 0.5 < np.sqrt(np.mean(y ** 2) / np.mean(x ** 2)) < 2.0  # the level is kept
+    assert np.mean(onset_f1) >= 0.85 and max(beat_gap) <= 0.1
+
+
+@pytest.mark.skipif(not (TOY / "config.json").exists(), reason="weights/stage-toy is not built")
+def test_main_command_runs_offline_on_the_toy(tmp_path):
+    """The Quick start command, as a user types it: no --model, the toy is used and says so."""
+    import subprocess
+    import sys
+
+    import soundfile as sf
+
+    out = tmp_path / "drums.wav"
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--bpm", "120", "--duration", "8", "--out", str(out),
+                        "--seed", "0"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert "toy STAGE drums model" in r.stderr
+    audio, sr = sf.read(out)
+    assert sr == 32000 and len(audio) == 8 * 32000 and np.isfinite(audio).all()
+    assert 0.005 < np.sqrt(np.mean(audio ** 2)) and np.abs(audio).max() <= 1.0  # drums, not silence
+
+
+@pytest.mark.xfail(strict=True,
+                   reason="the shipped toy does not follow a click track yet (MODEL_CARD.md: beat F1 at chance)")
+def test_shipped_toy_follows_a_click_track():
+    """The target (issue 11): a 4 s click-track stem at a tempo not listed in the README scores beat
+    F1 >= 0.7 on average over fixed seeds. strict: when a retrained toy passes, this must be updated."""
+    from stage_min.evaluation import beat_scores
+    from stage_min.metronome import beat_times, metronome
+    from stage_min.pipeline import MusicGen
+
+    model = MusicGen.from_pretrained(str(TOY))
+    bpm = 133.0
+    click = torch.from_numpy(metronome(bpm, 4.0))
+    audio, _ = model.accompany([click] * 3, [""] * 3, 200, seed=0)
+    scores = [beat_scores(a[0].numpy(), 32000, beat_times(bpm, 4.0))["f_measure"] for a in audio]
+    assert np.mean(scores) >= 0.7
