@@ -133,7 +133,7 @@ def main(argv=None):
     p.add_argument("--song-seconds", type=float, default=6.0, help="length of each song")
     p.add_argument("--songs2", type=int, default=600, help="songs with tempo changes for the second phase")
     p.add_argument("--phase1-steps", type=int, default=664, help="LM steps on steady songs before the tempo-change songs")
-    p.add_argument("--steps", type=int, default=3000, help="LM optimizer steps in all")
+    p.add_argument("--steps", type=int, default=1360, help="LM optimizer steps in all")
     p.add_argument("--codec-steps", type=int, default=CodecTrainConfig.steps, help="codec autoencoder steps")
     p.add_argument("--codec-songs", type=int, default=CodecTrainConfig.songs, help="songs the codec is trained on")
     p.add_argument("--seed", type=int, default=0)
