@@ -7,26 +7,17 @@
 Generation runs one request at a time; other tabs wait in the queue. The page is served on this
 machine only unless --host says otherwise.
 """
-import argparse
 import signal
 import sys
 
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+from stage_min.cli import OneLineParser
 
 
 def parse_args(argv=None):
-    p = OneLineParser(description=__doc__, formatter_class=HelpFormatter)
+    p = OneLineParser(description=__doc__)
     p.add_argument("--model", default="weights/stage-toy",
                    help="model shown first in the page: a STAGE folder or checkpoint file (any other can be typed in the page)")
-    p.add_argument("--t5", default=None, help="t5-base folder or hub id, for official STAGE checkpoints that do not bundle it")
+    p.add_argument("--t5", default=None, help="t5-base folder or hub id, for official STAGE checkpoints that do not bundle it (default: google-t5/t5-base)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 opens the page to the network)")
     p.add_argument("--port", type=int, default=7860, help="port to listen on")
     args = p.parse_args(argv)

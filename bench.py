@@ -21,7 +21,6 @@ defaults (10 s windows, 5 s overlap, guidance 3, top-k 250); timed: the whole ca
 context): beat F1 (mir_eval, 70 ms) of the drums made for the whole 60 s, window by window, against
 the F1 of drums made for the first 10 s alone. Windowing should cost at most 0.05 of F1.
 """
-import argparse
 import json
 import resource
 import sys
@@ -30,6 +29,7 @@ import time
 import torch
 
 from stage_min import delay
+from stage_min.cli import OneLineParser
 from stage_min.generate import SamplingConfig, compiled_step, generate_tokens
 from stage_min.loading import lm_config_from_hf, lm_state_from_hf, load_strict
 from stage_min.model import LMConfig, MusicGenLM
@@ -163,30 +163,30 @@ def bench_song_f1(args, device, dtype):
                       "within_0.05": bool(abs(np.mean(whole) - np.mean(first)) <= 0.05)}), flush=True)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", default="decode", choices=["decode", "song", "song-f1"])
+def main(argv=None):
+    p = OneLineParser(description=__doc__)
+    p.add_argument("--mode", default="decode", choices=["decode", "song", "song-f1"], help="decode: LM decoding speed, ours against transformers (eager, static cache, compiled); song: a whole song in windows; song-f1: beat F1 of a whole song against its first 10 s")
     p.add_argument("--seconds", type=float, default=60.0, help="song modes: the song's length")
-    p.add_argument("--model", help="song-f1: a trained STAGE drums model")
-    p.add_argument("--prompt", default="", help="song-f1: the prompt")
+    p.add_argument("--model", help="song-f1: a trained STAGE drums model (required there; unused by the other modes)")
+    p.add_argument("--prompt", default="", help="song-f1: the prompt (default: empty)")
     p.add_argument("--songs", type=int, default=4, help="song-f1: synthetic songs averaged")
-    p.add_argument("--config", default="tiny", choices=["tiny", "small", "medium", "large"])
+    p.add_argument("--config", default="tiny", choices=["tiny", "small", "medium", "large"], help="LM size, random weights of that shape (decode and song modes)")
     p.add_argument("--steps", type=int, default=0, help="LM forward steps (0: 256 for tiny, 64 otherwise)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and activations")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per variant; the best counts")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device, dtype = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")), getattr(torch, args.dtype)
     if args.mode == "song":
         return bench_song(args, device, dtype)
     if args.mode == "song-f1":
         if not args.model:
-            raise SystemExit("--mode song-f1 needs --model (a trained STAGE drums model)")
+            p.error("--mode song-f1 needs --model (a trained STAGE drums model)")
         return bench_song_f1(args, device, dtype)
     steps = args.steps or (256 if args.config == "tiny" else 64)
     preset = LMConfig.preset(args.config)

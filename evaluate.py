@@ -7,7 +7,6 @@
 beats prints one JSON line. tempo and accompany write DIR/results.json, DIR/results.csv, DIR/report.png
 and the audio under DIR/audio/. See the README's Evaluation section for every field.
 """
-import argparse
 import importlib.util
 import json
 import os
@@ -17,45 +16,40 @@ from pathlib import Path
 import numpy as np
 
 from stage_min.audio import AudioError, load_audio
+from stage_min.cli import OneLineParser, warnings_via_tqdm
 from stage_min.evaluation import TRACKERS, EvalError, check_seconds
 
 SAMPLE_RATE = 32000  # `beats` scores audio at EnCodec's rate, as the experiments do
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def add_model_options(p):
     p.add_argument("--model", required=True, help="model folder, checkpoint file or hub id (as sample.py)")
-    p.add_argument("--t5", default=None, help="t5-base folder or hub id, for audiocraft / official STAGE checkpoints")
+    p.add_argument("--t5", default=None, help="t5-base folder or hub id, for audiocraft / official STAGE checkpoints (default: the one the checkpoint bundles, else google-t5/t5-base)")
     p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance coefficient (1 = off)")
-    p.add_argument("--top-k", type=int, default=250)
-    p.add_argument("--top-p", type=float, default=0.0)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=250, help="sample from the k most likely codes (0 = off)")
+    p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold (0 = off)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--batch-size", type=int, default=8, help="stems generated per call")
-    p.add_argument("--tracker", default="librosa", choices=TRACKERS)
+    p.add_argument("--tracker", default="librosa", choices=TRACKERS, help="beat tracker that scores the stems (beat_this: pip install beat-this)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
 def parse_args(argv=None):
-    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("beats", help="score one audio file's beats")
-    b.add_argument("audio")
-    b.add_argument("--bpm", type=float, help="reference: a steady tempo...")
+    b.add_argument("audio", help="audio file to score (a stem, or a stem with its context)")
+    b.add_argument("--bpm", type=float, help="reference: a steady tempo... (give --bpm or --beats)")
     b.add_argument("--offset", type=float, default=0.0, help="...whose first beat is at this time (s)")
-    b.add_argument("--beats", help="reference: a beats.txt file (one '<seconds> [<position in bar>]' per line)")
-    b.add_argument("--tracker", default="librosa", choices=TRACKERS)
+    b.add_argument("--beats", help="reference: a beats.txt file (one '<seconds> [<position in bar>]' per line), instead of --bpm")
+    b.add_argument("--tracker", default="librosa", choices=TRACKERS, help="beat tracker run on the audio (beat_this: pip install beat-this)")
     t = sub.add_parser("tempo", help="stems from click tracks, scored against the clicks")
     add_model_options(t)
     t.add_argument("--bpm", default="100,110,120,130,140,150,160,170", help="comma-separated tempos")
     t.add_argument("--seeds", type=int, default=3, help="stems per tempo (seeds 0..N-1)")
     t.add_argument("--seconds", type=float, default=10.0, help="length of each stem")
-    t.add_argument("--prompt", default="", help="text prompt for every stem")
+    t.add_argument("--prompt", default="", help="text prompt for every stem (default: empty)")
     a = sub.add_parser("accompany", help="stems for held-out songs of a dataset, scored against the songs")
     add_model_options(a)
     a.add_argument("--data", required=True, help="dataset folder (the layouts train.py reads)")
@@ -63,7 +57,7 @@ def parse_args(argv=None):
     a.add_argument("--songs", type=int, default=None, help="at most this many held-out songs (default: all)")
     a.add_argument("--seconds", type=float, default=10.0, help="window per song")
     a.add_argument("--prompt", default=None, help="text prompt (default: each song's caption.txt, else empty)")
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--seed", type=int, default=0, help="sampling seed")
     return p.parse_args(argv)
 
 
@@ -197,7 +191,8 @@ def finish(results, out, summary):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        {"beats": run_beats, "tempo": run_tempo, "accompany": run_accompany}[args.command](args)
+        with warnings_via_tqdm():  # a warning goes above the progress bar, not onto its line
+            {"beats": run_beats, "tempo": run_tempo, "accompany": run_accompany}[args.command](args)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -7,13 +7,14 @@
     python sample.py --prompt "lofi hip hop beat" --duration 5 --out music.wav
     python sample.py --model stage-drums.safetensors --context song.wav --genres "Rock, Indie Rock" --moods "energetic" --out drums.wav
 """
-import argparse
 import math
 import os
 import re
 import signal
 import sys
 from pathlib import Path
+
+from stage_min.cli import OneLineParser, warnings_via_tqdm  # argparse only
 
 # Only light imports here: everything else is imported inside functions, so that a Ctrl-C at any
 # moment, even while torch is being imported, ends in one line ("error: interrupted", exit 130).
@@ -28,24 +29,18 @@ MAX_CLICK_SECONDS = 3600.0  # a click track is made in memory before it is accom
 MAX_SEED = 2**63 - 1
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv=None):
-    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompt", default="", help="text description of the stem (or of the music), free text")
+    p = OneLineParser(description=__doc__)
+    p.add_argument("--prompt", default="", help="text description of the stem (or of the music), free text (default: empty, the null text)")
     p.add_argument("--genres", help="comma list: builds the official STAGE caption 'Genres: a, b. Moods: x. ' "
-                                    "(Discogs names, e.g. 'Rock, Indie Rock'); instead of --prompt")
-    p.add_argument("--moods", help="comma list for the caption's 'Moods: ...' part (MTG-Jamendo moods, e.g. 'energetic, happy')")
+                                    "(Discogs names, e.g. 'Rock, Indie Rock'); instead of --prompt (default: none, --prompt is used)")
+    p.add_argument("--moods", help="comma list for the caption's 'Moods: ...' part (MTG-Jamendo moods, e.g. 'energetic, happy'; default: no Moods part)")
     p.add_argument("--out", required=True, help="output audio file: .wav, .flac, .ogg or .mp3 (a folder for a --context folder)")
-    p.add_argument("--context", help="STAGE: audio to accompany (any format soundfile reads), or a folder of songs")
-    p.add_argument("--bpm", type=float, help="STAGE: accompany a click track at this tempo instead")
+    p.add_argument("--context", help="STAGE: audio to accompany (any format soundfile reads), or a folder of songs (default: none, no context: a stem from the prompt alone, or from --bpm's click track)")
+    p.add_argument("--bpm", type=float, help="STAGE: accompany a click track at this tempo instead (default: no click track)")
     p.add_argument("--beats-per-bar", type=int, default=4, help="click track: beats per bar (louder downbeats)")
     p.add_argument("--offset", type=float, default=0.0, help="click track: time of the first click in seconds")
-    p.add_argument("--mix-out", help="also write context + stem, as long as the stem")
+    p.add_argument("--mix-out", help="also write context + stem, as long as the stem (default: not written, but OUT_mix.wav with --stems)")
     p.add_argument("--overwrite", action="store_true", help="allow an output to replace the --context (or --continue) file")
     p.add_argument("--duration", type=float, help="seconds to generate (default: the context's length, however long; "
                    "5 s for text alone); with --context, a stem of at most one window next to the context's start")
@@ -53,21 +48,21 @@ def parse_args(argv=None):
                    "STAGE drums model, weights/stage-toy; e.g. facebook/musicgen-small or a train.py run for real "
                    "music); with --stems, once per stem as NAME=PATH")
     p.add_argument("--stems", help="stack stems in this order, e.g. drums,bass: each accompanies the context plus "
-                   "the stems before it; writes OUT_NAME.wav per stem and the full mix (--mix-out, default OUT_mix.wav)")
-    p.add_argument("--continue", dest="continuation", help="a stem's first part (audio file): generation continues it")
+                   "the stems before it; writes OUT_NAME.wav per stem and the full mix (--mix-out, default OUT_mix.wav); default: one stem")
+    p.add_argument("--continue", dest="continuation", help="a stem's first part (audio file): generation continues it (default: none)")
     p.add_argument("--window", type=float, default=10.0, help="a context longer than this is accompanied in windows "
                    "of this many seconds (10: the training windows; a model trained on one fixed window, such as the toy, "
                    "always uses its own, overlapping by half)")
     p.add_argument("--overlap", type=float, default=5.0, help="seconds of each window's stem given by the previous window")
     p.add_argument("--batch", type=int, default=4, help="--context FOLDER: songs per batch")
-    p.add_argument("--t5", default=None, help="t5-base folder or hub id, for audiocraft / official STAGE checkpoints")
+    p.add_argument("--t5", default=None, help="t5-base folder or hub id, for audiocraft / official STAGE checkpoints (default: the one the checkpoint bundles, else google-t5/t5-base)")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance coefficient (1 = off)")
     p.add_argument("--top-k", type=int, default=250, help="sample from the k most likely codes (0 = off)")
     p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold (0 = off)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (< 1: safer, > 1: more varied)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling (default: a fresh random draw each run)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and activations: the half types are faster on a GPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first call)")
     return p.parse_args(argv)
 
@@ -521,7 +516,8 @@ def main(argv=None):
         previous = None
     try:
         args = parse_args(argv)
-        run(args, interrupted)
+        with warnings_via_tqdm():  # a warning goes above a progress bar, not onto its line
+            run(args, interrupted)
         if interrupted:
             raise KeyboardInterrupt
     except KeyboardInterrupt:

@@ -6,7 +6,6 @@
 
 The run folder is the checkpoint: `python sample.py --model runs/drums ...` loads it.
 """
-import argparse
 import contextlib
 import datetime
 import math
@@ -23,23 +22,8 @@ from stage_min import data as D
 from stage_min import training as T
 from stage_min.audio import AudioError
 from stage_min.beats import check_tracker
+from stage_min.cli import OneLineParser, warnings_via_tqdm
 from stage_min.loading import LoadError
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written, and every option's default after its help (none for flags and
-    options whose default is nothing or is said in the help)."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, "", False) or "(default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
 
 
 # Defaults are the original STAGE recipe (REFERENCE.md section 8); each help says why one would change it.
@@ -71,7 +55,7 @@ HELP = {
 
 def parse_args(argv=None) -> tuple[T.TrainConfig, bool]:
     c, d = T.TrainConfig(), D.DataConfig()
-    p = OneLineParser(description=__doc__, formatter_class=HelpFormatter)
+    p = OneLineParser(description=__doc__)
     p.add_argument("--data", required=True, help="stems dataset folder (one folder per song)")
     p.add_argument("--target", required=True, help="stem to generate: drums, bass, ...")
     p.add_argument("--out", required=True, help="run folder: checkpoint, metrics.jsonl")
@@ -208,7 +192,8 @@ def train(cfg: T.TrainConfig, resume: bool):
 
     def prepare(song_list):
         out_list = []
-        for s in tqdm(song_list, desc="songs", disable=not master or len(song_list) < 2, leave=False):
+        for s in tqdm(song_list, desc="reading songs (stem peaks, beats; cached)", unit="song",
+                      disable=not master or len(song_list) < 2, leave=False):
             sd = D.prepare_song(s, cfg.data_cfg, codec, device, cache_dir, stats)
             if sd is not None:
                 out_list.append(sd)
@@ -242,7 +227,7 @@ def train(cfg: T.TrainConfig, resume: bool):
         if master:
             T.save_checkpoint(out, lm, base, step, cfg, optimizer, scaler)
 
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step", disable=not master, dynamic_ncols=True)
     t0, frames = time.time(), 0
     stop = T.StopFlag()  # Ctrl-C lands between steps, never inside an optimizer update
     try:
@@ -312,7 +297,8 @@ def train(cfg: T.TrainConfig, resume: bool):
 def main(argv=None):
     cfg, resume = parse_args(argv)
     try:
-        train(cfg, resume)
+        with warnings_via_tqdm():  # a warning goes above the progress bar, not onto its line
+            train(cfg, resume)
     except (T.UsageError, T.Diverged, D.DataError, LoadError, AudioError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

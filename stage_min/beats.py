@@ -11,11 +11,12 @@ Two trackers:
   `beatthis.npz` files suggest it used: beats and downbeats from one network. An optional extra
   (`pip install beat-this`); its checkpoint is downloaded on first use, so it needs the network once.
 """
-import argparse
 import sys
 
 import numpy as np
 import soxr
+
+from .cli import OneLineParser
 
 TRACKERS = ("librosa", "beat_this")
 TRACK_RATE = 22050  # librosa's beat tracker works at this rate...
@@ -149,9 +150,9 @@ def main(argv=None):
     from .audio import AudioError
     from .data import DataError, find_songs, load_stem, parse_beats
 
-    p = argparse.ArgumentParser(description="How often the librosa downbeat rule finds the bar phase, on songs "
+    p = OneLineParser(prog="python -m stage_min.beats", description="How often the librosa downbeat rule finds the bar phase, on songs "
                                             "whose beats.txt has positions (e.g. python -m stage_min.synth output).")
-    p.add_argument("data")
+    p.add_argument("data", help="dataset folder (one folder per song, with beats.txt)")
     p.add_argument("--songs", type=int, default=0, help="at most this many songs (0 = all)")
     a = p.parse_args(argv)
     try:

@@ -6,17 +6,11 @@ SRC: a transformers, stage_min or audiocraft folder, an official STAGE checkpoin
 DST: a new folder, written under a temporary name and renamed when complete. Errors: one line on
 stderr, exit code 2.
 """
-import argparse
 import sys
 
+from .cli import OneLineParser
 from .formats import check_new_folder, export_hf, export_native
 from .loading import LoadError
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def main(argv=None) -> int:
@@ -24,7 +18,7 @@ def main(argv=None) -> int:
     p.add_argument("src", help="checkpoint folder, STAGE checkpoint file, or hub id")
     p.add_argument("dst", help="output folder (must not exist, or be empty)")
     p.add_argument("--to", choices=["native", "hf"], default="native", help="native: stage_min, self-contained; hf: transformers' MusicGen")
-    p.add_argument("--t5", default=None, help="t5-base folder or hub id, for audiocraft and STAGE sources (default google-t5/t5-base)")
+    p.add_argument("--t5", default=None, help="t5-base folder or hub id, for audiocraft and STAGE sources (default: google-t5/t5-base)")
     args = p.parse_args(argv)
     try:
         from .pipeline import MusicGen

@@ -260,7 +260,9 @@ class Stats:
 
     def warn_file(self, msg):
         self.bad_files += 1
-        print(f"warning: skipping {msg}", file=sys.stderr)
+        from tqdm import tqdm
+
+        tqdm.write(f"warning: skipping {msg}", file=sys.stderr)  # above train.py's bar, not on its line
 
     def summary(self) -> str:
         return (f"{self.bad_files} unreadable file(s) skipped, {self.no_target} song(s) without the target stem, "

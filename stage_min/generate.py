@@ -105,7 +105,7 @@ def generate_tokens(
     try:
         logits = lm.prefill(grid[:, :, :first], None if keep is None else keep[:, :first])
         positions = torch.arange(S, device=grid.device)
-        for s in tqdm(range(first, S), disable=not progress, desc="sampling", unit="step", leave=False):
+        for s in tqdm(range(first, S), disable=not progress, desc="sampling codec frames", unit="frame", leave=False):
             next_ids = sample(guided(logits, B, sc.cfg_coef), sc, generator).repeat(R // B, 1)
             grid[:, :, s] = torch.where(known[:, :, s], grid[:, :, s], next_ids)
             if s + 1 < S:

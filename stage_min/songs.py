@@ -110,7 +110,7 @@ def accompany_songs(model, songs: list, prompts: list[str], window_s: float = 10
     text, text_mask = model.text_condition(prompts)
     generator = torch.Generator(model.device).manual_seed(seed) if seed is not None else None
     step_fn = compiled_step(model.lm) if compile else None
-    bar = tqdm(total=sum(f - g for f, g in zip(n_frames, n_given)), disable=not progress, desc="stem", unit="frame")
+    bar = tqdm(total=sum(f - g for f, g in zip(n_frames, n_given)), disable=not progress, desc="generating the stem", unit="frame")
     for r in range(max(map(len, plans), default=0)):
         rows = [i for i, plan in enumerate(plans) if r < len(plan)]
         windows = [plans[i][r] for i in rows]

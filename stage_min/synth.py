@@ -14,12 +14,13 @@ and eighth-note chord stabs, and beat periods are whole codec frames (20 ms mult
 every hit on a beat looks the same to the codec (off-beat eighths fall mid-frame when a beat is an
 odd number of frames).
 """
-import argparse
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+
+from .cli import OneLineParser
 
 SAMPLE_RATE = 32000
 FRAME = 640  # EnCodec 32 kHz hop: onsets on this grid
@@ -192,12 +193,6 @@ MAX_SECONDS = 600.0  # ten minutes a song: enough for any test; a limit keeps a 
 MAX_SONGS = 100000
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def check_args(args):
     """One-line errors for everything, before anything is written."""
     if not 1 <= args.songs <= MAX_SONGS:
@@ -215,11 +210,11 @@ def check_args(args):
 
 
 def main(argv=None):
-    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__)
     p.add_argument("folder", help="where to write the songs: a new or empty folder")
-    p.add_argument("--songs", type=int, default=16)
-    p.add_argument("--seconds", type=float, default=20.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--songs", type=int, default=16, help="songs to write")
+    p.add_argument("--seconds", type=float, default=20.0, help="length of each song")
+    p.add_argument("--seed", type=int, default=0, help="seed of the whole dataset")
     p.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty (replacing its songs)")
     args = p.parse_args(argv)
     try:

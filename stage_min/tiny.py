@@ -8,7 +8,6 @@ the decoder, a sentencepiece model with t5's special ids), only very small and u
 as `--base` for `train.py --preset tiny`, or as `--model` for `sample.py`. The tests build theirs
 with the same code.
 """
-import argparse
 import io
 import sys
 from pathlib import Path
@@ -17,6 +16,8 @@ import numpy as np
 import sentencepiece as spm
 import soundfile as sf
 import torch
+
+from .cli import OneLineParser
 
 CORPUS = [
     "funky drums with a tight snare", "deep bass line in a minor key", "ambient pads and soft piano",
@@ -107,12 +108,6 @@ def make_codec_hear(folder, audio_files, seed=0, n_distinct=(32, 2, 2, 2)):
     model.save_pretrained(folder)
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv=None):
     from transformers.utils import logging as hf_logging
 
@@ -122,10 +117,10 @@ def main(argv=None):
     hf_logging.set_verbosity_error()  # a tool's output: its result or one error line, not transformers' chatter
     hf_logging.disable_progress_bar()
 
-    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__)
     p.add_argument("out", help="folder to write (must not exist, or be empty)")
-    p.add_argument("--hear", help="a dataset folder (plain layout): fit the codec's codebooks to its drums and bass")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hear", help="a dataset folder (plain layout): fit the codec's codebooks to its drums and bass (default: random codebooks)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = p.parse_args(argv)
     try:
         if not 0 <= args.seed < 2**32:  # numpy's and torch's generators both take it

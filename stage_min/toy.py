@@ -20,7 +20,6 @@ prefix): target frame t must find context frame t, which sits a fixed number of 
 the context length is fixed. A tiny model learns that fixed offset; with a variable one it did not
 learn to follow clicks at all in half an hour of CPU (REFERENCE.md section 9).
 """
-import argparse
 import json
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import time
 from pathlib import Path
 
 from . import synth
+from .cli import OneLineParser
 from .codec_train import CodecTrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def evaluate_model(model_dir: Path, songs: Path, out: Path, seed: int) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__)
     p.add_argument("out", help="model folder to write (must not exist)")
     p.add_argument("--work", default="runs/toy", help="folder for the songs, codec, base and LM run")
     p.add_argument("--songs", type=int, default=1000, help="synthetic songs to train the LM on")
@@ -136,7 +136,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=1360, help="LM optimizer steps in all")
     p.add_argument("--codec-steps", type=int, default=CodecTrainConfig.steps, help="codec autoencoder steps")
     p.add_argument("--codec-songs", type=int, default=CodecTrainConfig.songs, help="songs the codec is trained on")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the songs, codec and LM runs")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation (results in WORK/eval)")
     a = p.parse_args(argv)
     codec_cfg = CodecTrainConfig(steps=a.codec_steps, songs=a.codec_songs, seed=a.seed,
