@@ -5,7 +5,7 @@
     python evaluate.py accompany --model M --data DIR --target drums --out DIR2 [--songs N] [--seconds S]
 
 beats prints one JSON line. tempo and accompany write DIR/results.json, DIR/results.csv, DIR/report.png
-and the audio under DIR/audio/. See the README's Evaluation section for every field.
+and the audio under DIR/audio/. docs/evaluation.md lists every field.
 """
 import importlib.util
 import json

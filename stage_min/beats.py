@@ -6,7 +6,7 @@ Two trackers:
   `beat_times`). It gives no downbeats, so the bar phase is chosen by a rule: in 4/4, of the four
   ways to take every 4th beat, the one whose beats are followed by the most low-frequency energy
   (the kick and the bass tend to open a bar). How often this is right on synthetic songs, whose
-  downbeats are known: `python -m stage_min.beats DATA` (README, "Fine-tuning").
+  downbeats are known: `python -m stage_min.beats DATA` (docs/training.md).
 - "beat_this": the Beat This! tracker (Foscarin et al., ISMIR 2024), which the original STAGE's
   `beatthis.npz` files suggest it used: beats and downbeats from one network. An optional extra
   (`pip install beat-this`); its checkpoint is downloaded on first use, so it needs the network once.

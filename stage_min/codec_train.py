@@ -95,21 +95,28 @@ def stft_loss_fn():
                                                  win_lengths=[2048, 1024, 512, 256], eps=1e-5)
 
 
-def train_autoencoder(model: EncodecModel, clips, cfg: CodecTrainConfig, log=print):
-    """Step 1: encoder -> decoder with no quantiser."""
-    rng = np.random.default_rng(cfg.seed)
+def _fit(model: EncodecModel, clips, cfg: CodecTrainConfig, params, latents_of, steps: int, lr: float, seed: int,
+         label: str, log=print):
+    """Adam on `params` for `steps` batches of random crops: decoder(latents_of(audio)) vs audio."""
+    rng = np.random.default_rng(seed)
     stft = stft_loss_fn()
-    opt = torch.optim.Adam(list(model.encoder.parameters()) + list(model.decoder.parameters()), lr=cfg.lr)
+    opt = torch.optim.Adam(params, lr=lr)
     length = int(cfg.crop_seconds * SAMPLE_RATE)
     t0 = time.time()
-    for step in range(1, cfg.steps + 1):
+    for step in range(1, steps + 1):
         audio = random_crops(clips, cfg.batch_size, length, rng)
-        loss = reconstruction_loss(model.decoder(model.encoder(audio)), audio, stft)
+        loss = reconstruction_loss(model.decoder(latents_of(audio)), audio, stft)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 100 == 0 or step == cfg.steps:
-            log(f"codec autoencoder step {step}/{cfg.steps}: loss {loss.item():.3f} ({time.time() - t0:.0f} s)")
+        if step % 100 == 0 or step == steps:
+            log(f"codec {label} step {step}/{steps}: loss {loss.item():.3f} ({time.time() - t0:.0f} s)")
+
+
+def train_autoencoder(model: EncodecModel, clips, cfg: CodecTrainConfig, log=print):
+    """Step 1: encoder -> decoder with no quantiser."""
+    params = list(model.encoder.parameters()) + list(model.decoder.parameters())
+    _fit(model, clips, cfg, params, model.encoder, cfg.steps, cfg.lr, cfg.seed, "autoencoder", log)
 
 
 @torch.no_grad()
@@ -145,18 +152,8 @@ def quantised_latents(model: EncodecModel, audio: torch.Tensor) -> torch.Tensor:
 
 def finetune_decoder(model: EncodecModel, clips, cfg: CodecTrainConfig, log=print):
     """Step 3: the decoder learns to undo the quantiser's rounding (encoder and codebooks fixed)."""
-    rng = np.random.default_rng(cfg.seed + 1)
-    stft = stft_loss_fn()
-    opt = torch.optim.Adam(model.decoder.parameters(), lr=cfg.lr / 3)
-    length = int(cfg.crop_seconds * SAMPLE_RATE)
-    for step in range(1, cfg.finetune_steps + 1):
-        audio = random_crops(clips, cfg.batch_size, length, rng)
-        loss = reconstruction_loss(model.decoder(quantised_latents(model, audio)), audio, stft)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0 or step == cfg.finetune_steps:
-            log(f"codec decoder fine-tune step {step}/{cfg.finetune_steps}: loss {loss.item():.3f}")
+    _fit(model, clips, cfg, list(model.decoder.parameters()), lambda audio: quantised_latents(model, audio),
+         cfg.finetune_steps, cfg.lr / 3, cfg.seed + 1, "decoder fine-tune", log)
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """Checkpoint layouts: which one a path holds, reading each into one common form, writing ours.
 
-Four layouts come in (README, "Checkpoint layouts"):
+Four layouts come in (docs/checkpoints.md):
 - "hf": transformers' MusicGen folder (config.json with a "decoder" section, safetensors or .bin);
 - "native": ours (config.json with "format": "stage_min");
 - "audiocraft": a folder with state_dict.bin (LM) and compression_state_dict.bin (EnCodec); t5-base
