@@ -19,3 +19,15 @@ def tiny_hf(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_musicgen")
     model = build_tiny_hf(folder)
     return folder, model
+
+
+@pytest.fixture(scope="module")
+def stage_run(tiny_hf, tmp_path_factory):
+    """A STAGE checkpoint in our native layout (LM with the context token; T5/EnCodec from the base)."""
+    from stage_min.loading import save_native
+    from stage_min.pipeline import MusicGen
+
+    model = MusicGen.from_pretrained(str(tiny_hf[0]), stage=True)
+    run = tmp_path_factory.mktemp("stage_run")
+    save_native(run, model.lm.state_dict(), model.lm.cfg, base=str(tiny_hf[0]))
+    return run

@@ -72,18 +72,6 @@ def test_fad_and_kad_near_zero_for_the_same_set_and_grow_with_noise():
 
 # ---- end to end on a tiny random checkpoint -------------------------------------------------------
 @pytest.fixture(scope="module")
-def stage_run(tiny_hf, tmp_path_factory):
-    """A STAGE checkpoint in our native layout (LM with the context token; T5/EnCodec from the base)."""
-    from stage_min.loading import save_native
-    from stage_min.pipeline import MusicGen
-
-    model = MusicGen.from_pretrained(str(tiny_hf[0]), stage=True)
-    run = tmp_path_factory.mktemp("stage_run")
-    save_native(run, model.lm.state_dict(), model.lm.cfg, base=str(tiny_hf[0]))
-    return run
-
-
-@pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     from stage_min.synth import write_dataset
 

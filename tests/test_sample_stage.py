@@ -14,18 +14,6 @@ sys.path.insert(0, str(ROOT))
 import sample  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def stage_run(tiny_hf, tmp_path_factory):
-    """A STAGE checkpoint in our native layout (LM with the context token; T5/EnCodec from the base)."""
-    from stage_min.loading import save_native
-    from stage_min.pipeline import MusicGen
-
-    model = MusicGen.from_pretrained(str(tiny_hf[0]), stage=True)
-    run = tmp_path_factory.mktemp("stage_run")
-    save_native(run, model.lm.state_dict(), model.lm.cfg, base=str(tiny_hf[0]))
-    return run
-
-
 def song(path, seconds=0.6, sr=44100, channels=2):
     t = np.arange(int(seconds * sr)) / sr
     tone = 0.3 * np.sin(2 * np.pi * 110 * t) * (1 + np.sin(2 * np.pi * 2 * t)) / 2
