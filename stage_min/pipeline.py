@@ -70,12 +70,8 @@ class MusicGen(torch.nn.Module):
         sampling.check()
         window = getattr(self, "window_frames", None)
         if window and n_frames > window and self.lm.cfg.n_special >= 2:  # fixed-window STAGE: text alone in windows
-            from .songs import accompany_songs
-
             silence = [torch.zeros(n_frames * self.codec.hop) for _ in prompts]
-            out = accompany_songs(self, silence, prompts, sampling=sampling, seed=seed, progress=progress,
-                                  compile=compile, drop_context=True)
-            return torch.stack([a for a, _ in out])[:, None], torch.stack([c for _, c in out])
+            return self._in_windows(silence, prompts, sampling, seed, progress, compile, drop_context=True)
         K, special = self.lm.cfg.n_codebooks, self.lm.cfg.special_id
         if self.lm.cfg.n_special >= 2:
             no_context = torch.zeros(len(prompts), K, 0, dtype=torch.long, device=self.device)
@@ -110,12 +106,9 @@ class MusicGen(torch.nn.Module):
         sampling.check()
         n_out, window, hop = n_frames, getattr(self, "window_frames", None), self.codec.hop
         if window and n_frames > window:  # a model trained on one fixed window: longer stems in windows
-            from .songs import accompany_songs
-
             beds = [torch.nn.functional.pad(torch.as_tensor(c, dtype=torch.float32)[:n_frames * hop],
                                             (0, max(0, n_frames * hop - len(c)))) for c in contexts]
-            out = accompany_songs(self, beds, prompts, sampling=sampling, seed=seed, progress=progress, compile=compile)
-            return torch.stack([a for a, _ in out])[:, None], torch.stack([c for _, c in out])
+            return self._in_windows(beds, prompts, sampling, seed, progress, compile)
         if window:  # the geometry it was trained on: context and stem one window long
             contexts = [torch.nn.functional.pad(torch.as_tensor(c, dtype=torch.float32)[:window * hop],
                                                 (0, max(0, window * hop - len(c)))) for c in contexts]
@@ -125,6 +118,15 @@ class MusicGen(torch.nn.Module):
         lengths = torch.tensor([c.shape[-1] for c in codes], device=self.device)
         context = torch.stack([torch.nn.functional.pad(c[0], (int(lengths.max()) - c.shape[-1], 0), value=cfg.special_id) for c in codes])
         return self._stage_rows(context, lengths, prompts, n_frames, sampling, seed, progress, compile, n_out)
+
+    def _in_windows(self, beds, prompts, sampling, seed, progress, compile, drop_context=False):
+        """Stems as long as `beds` (audio), made in the model's fixed window (songs.py); batched as
+        generate/accompany return them: audio (B, 1, samples), codes (B, K, frames)."""
+        from .songs import accompany_songs
+
+        out = accompany_songs(self, beds, prompts, sampling=sampling, seed=seed, progress=progress, compile=compile,
+                              drop_context=drop_context)
+        return torch.stack([a for a, _ in out])[:, None], torch.stack([c for _, c in out])
 
     def _stage_rows(self, context, lengths, prompts, n_frames, sampling, seed, progress, compile, n_out=None):
         """`[context][separator][stem]` rows (context (B, K, C) right-aligned, C may be 0) -> the stem's
