@@ -19,9 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import delay
-from .data import DataConfig, Example
+from .data import DataConfig, Example, load_stem
 from .loading import (LATEST, LoadError, follow_latest, is_native, read_config, safe_torch_load, save_native,
                       with_default_mode, write_atomic)
+from .metronome import click_track
 from .model import LMConfig, MusicGenLM
 from .stage import build_sequence
 
@@ -68,6 +69,7 @@ class TrainConfig:
     seed: int = 0
     device: str = ""
     cache_dir: str = ""  # default: DATA/.stage_min_cache
+    code_cache: bool = False  # training windows cut from whole-song codes (SongCodes), not encoded one by one
     dim: int = 0  # tiny preset overrides (0 = preset value)
     layers: int = 0
     heads: int = 0
@@ -104,6 +106,8 @@ class TrainConfig:
             raise UsageError("--dim, --layers and --heads must be >= 1")
         if self.preset == "small" and (self.dim or self.layers or self.heads):
             raise UsageError("--dim/--layers/--heads only apply to --preset tiny (small keeps the base's shape)")
+        if self.code_cache and self.data_cfg.augment:
+            raise UsageError("--code-cache needs --no-augment: a stretched or shifted window has no whole-song codes")
         try:
             self.data_cfg.check()
         except ValueError as e:
@@ -277,10 +281,50 @@ def encode_targets(codec, audios: list, device) -> torch.Tensor:
     return codec.encode(x)[..., : audios[0].shape[0] // codec.hop].long()
 
 
-def make_batch(model, examples: list[Example], drop_text: list, drop_context: list, device) -> dict:
+class SongCodes:
+    """--code-cache: each song's target stem, each context mix drawn and its click track are encoded once,
+    whole, and a window's codes are cut from them. On a CPU, where encoding every window is about half of a
+    training step, steps get about twice as fast. The price: the codes of a window cut from a whole song
+    differ from those of the window encoded alone (what inference sees) near its edges, where EnCodec's
+    convolutions and LSTM hear the audio around it (docs/training.md measures how many). Kept in memory,
+    one int16 array per (song, stems) pair that was drawn; no augmentation (a stretched window has no
+    whole-song codes)."""
+
+    def __init__(self, songs: list, codec, device):
+        self.songs = {sd.song.name: sd for sd in songs}
+        self.codec, self.device, self.codes = codec, device, {}
+
+    @torch.no_grad()
+    def window(self, song: str, stems: tuple, start: int, n: int) -> torch.Tensor:
+        """Codes (K, n) of frames [start, start + n) of the sum of `stems` (() = the click track)."""
+        if (song, stems) not in self.codes:
+            sd, hop, sr = self.songs[song], self.codec.hop, self.codec.sample_rate
+            audio = np.zeros(sd.n_frames * hop, dtype=np.float32)
+            if stems:
+                for s in stems:
+                    x = load_stem(sd.song.stems[s], sr)[: len(audio)]
+                    audio[: len(x)] += x
+            else:
+                audio = click_track(sd.beats, len(audio) / sr, sample_rate=sr, downbeats=sd.downbeats)[: len(audio)]
+            x = torch.from_numpy(np.ascontiguousarray(audio)).to(self.device)[None, None]
+            self.codes[(song, stems)] = self.codec.encode(x)[0, :, : sd.n_frames].to(torch.int16).cpu()
+        return self.codes[(song, stems)][:, start:start + n].long().to(self.device)
+
+
+def make_batch(model, examples: list[Example], drop_text: list, drop_context: list, device,
+               song_codes: SongCodes | None = None) -> dict:
     lm_cfg = model.lm.cfg
-    context, lengths = encode_contexts(model.codec, [e.context for e in examples], lm_cfg.special_id, device)
-    target = encode_targets(model.codec, [e.target for e in examples], device)
+    if song_codes is None:
+        context, lengths = encode_contexts(model.codec, [e.context for e in examples], lm_cfg.special_id, device)
+        target = encode_targets(model.codec, [e.target for e in examples], device)
+    else:
+        hop, target_stem = model.codec.hop, song_codes.songs[examples[0].song].target
+        target = torch.stack([song_codes.window(e.song, (target_stem,), e.start, len(e.target) // hop) for e in examples])
+        lengths = torch.tensor([len(e.context) // hop for e in examples], device=device)
+        context = torch.full((len(examples), lm_cfg.n_codebooks, int(lengths.max())), lm_cfg.special_id, dtype=torch.long, device=device)
+        for i, e in enumerate(examples):  # right-aligned, as encode_contexts gives them
+            stems = () if e.metronome else tuple(e.context_stems)
+            context[i, :, context.shape[-1] - int(lengths[i]):] = song_codes.window(e.song, stems, e.start, int(lengths[i]))
     seq = build_sequence(context, target, target.shape[-1], lm_cfg.special_id, lm_cfg.context_id, lengths,
                          torch.tensor(drop_context, device=device))
     states, mask = text_inputs(model.text_encoder, [e.caption for e in examples], drop_text, device)

@@ -258,3 +258,48 @@ def test_fp16_scaler_state_is_plain_numbers_and_loads_weights_only(tmp_path):
     restored.load_state_dict(safe_torch_load(tmp_path / T.STATE_FILE)["scaler"])
     assert restored.get_scale() == 4096.0
     assert T.scaler_state(None) is None and T.scaler_state(torch.amp.GradScaler("cpu", enabled=False)) is None
+
+
+def test_code_cache_cuts_the_same_windows_and_trains(setup, tmp_path):
+    """--code-cache: a window's codes are those of its song encoded whole (checked slice by slice), agree
+    with per-window encoding on nearly every code (they differ only near the window's edges), and a
+    run with it trains; with augmentation on it is refused."""
+    import numpy as np
+
+    from stage_min import data as D
+    from stage_min.pipeline import MusicGen
+
+    base, data = setup
+    model = MusicGen.from_pretrained(str(base))
+    codec = model.codec
+    cfg = D.DataConfig(target="drums", target_seconds=1.0, context_min=1.0, context_max=1.0, p_full_context=0,
+                       augment=False, p_metronome=0.5)
+    stats = D.Stats()
+    songs = [D.prepare_song(s, cfg, codec, "cpu", tmp_path / "cache", stats) for s in D.find_songs(data)[:12]]
+    windows = D.StemWindows([s for s in songs if s is not None], cfg, codec.frame_rate, codec.sample_rate)
+    codes = T.SongCodes(windows.songs, codec, "cpu")
+    same, clicks = [], 0
+    for i in range(24):
+        e = windows.draw(np.random.default_rng([3, i]))
+        clicks += e.metronome
+        cut = T.make_batch(model, [e], [False], [False], "cpu", codes)
+        alone = T.make_batch(model, [e], [False], [False], "cpu")
+        stems = () if e.metronome else tuple(e.context_stems)
+        whole = codes.codes[(e.song, stems)].long()
+        n = cut["context"].shape[-1]
+        assert torch.equal(cut["context"][0], whole[:, e.start:e.start + n])
+        assert torch.equal(cut["codes"][0], codes.codes[(e.song, ("drums",))].long()[:, e.start:e.start + cut["codes"].shape[-1]])
+        assert cut["context"].shape == alone["context"].shape and cut["codes"].shape == alone["codes"].shape
+        same.append((cut["codes"] == alone["codes"]).float().mean().item())
+        same.append((cut["context"] == alone["context"]).float().mean().item())
+    assert 0 < clicks < 24  # both kinds of context were cut
+    assert np.mean(same) > 0.8, np.mean(same)
+
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *args(setup, tmp_path / "run", "--code-cache", "--no-augment", steps=3)],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((checkpoint(tmp_path / "run") / "config.json").read_text())["step"] == 3
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *args(setup, tmp_path / "run2", "--code-cache")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "--code-cache needs --no-augment" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run2").exists()
