@@ -163,9 +163,204 @@ def bench_song_f1(args, device, dtype):
                       "within_0.05": bool(abs(np.mean(whole) - np.mean(first)) <= 0.05)}), flush=True)
 
 
+def stage_pair(preset: LMConfig, device, dtype):
+    """The original STAGE decoder (x-transformers 1.26.0, stage_min.original) of a preset's shape with
+    random weights, and our LM holding the same weights, mapped through the official checkpoint's key
+    table (formats.py, as `MusicGen.from_pretrained` reads an official file)."""
+    from stage_min import original
+    from stage_min.formats import STAGE_LM, STAGE_TEXT, lm_config_from_stage, stage_lm_key_table
+    from stage_min.loading import gather
+
+    decoder = original.build_decoder(preset.dim, preset.n_layers, card=preset.card, n_q=preset.n_codebooks,
+                                     max_seq_len=8192, random_norms=False)
+    torch.manual_seed(1)
+    proj = torch.nn.Linear(preset.text_dim, preset.dim)
+    state = {STAGE_LM + k: v for k, v in decoder.state_dict().items()}
+    state.update({f"{STAGE_TEXT}output_proj.{k}": v for k, v in proj.state_dict().items()})
+    cfg = lm_config_from_stage(state)
+    with torch.device("meta"):
+        lm = MusicGenLM(cfg)
+    load_strict(lm, gather(state, stage_lm_key_table(cfg), "STAGE weights"), "LM weights", assign=True)
+    return decoder.to(device), lm.to(device, dtype).eval()
+
+
+def bench_stage(args, device, dtype):
+    """Accompaniment: ours (static KV cache; eager and compiled) against the original's loop (the whole
+    sequence re-run at every step), one JSON line per stem length."""
+    import warnings
+
+    import numpy as np
+
+    from stage_min import original
+    from stage_min.stage import generation_rows
+
+    warnings.filterwarnings("ignore", message=".*sdp_kernel.*")  # x-transformers 1.26's deprecated torch call
+
+    preset = LMConfig.preset(args.config)
+    decoder, lm = stage_pair(preset, device, dtype)
+    K, special, sc = preset.n_codebooks, lm.cfg.special_id, SamplingConfig(cfg_coef=3.0, top_k=250)
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(1, PROMPT_TOKENS, lm.cfg.dim, generator=g).to(device)
+    mask = torch.ones(1, PROMPT_TOKENS, dtype=torch.bool, device=device)
+    n_ctx = int(round(args.context_seconds * 50))
+    context = torch.randint(0, preset.card, (1, K, n_ctx), generator=g).to(device)
+
+    def log(what):
+        print(f"[bench stage {args.config}] {what}", file=sys.stderr, flush=True)
+
+    for stem_s in [float(x) for x in args.stem_seconds.split(",")]:
+        n_target = int(round(stem_s * 50))
+        grid, known, keep, _ = generation_rows(context, torch.tensor([n_ctx], device=device), n_target, special,
+                                               lm.cfg.context_id, guidance=True)
+        first, S = int((~known).any(1).any(0).nonzero()[0]), grid.shape[-1]
+        n_steps = S - first
+        ours = lambda step_fn=None: generate_tokens(lm, grid, known, text.to(dtype), mask, sc, keep=keep,  # noqa: E731
+                                                    step_fn=step_fn, free_cache=step_fn is None)
+        result = {"mode": "stage", "config": args.config, "dtype": args.dtype, "device": str(device),
+                  "threads": torch.get_num_threads(), "context_s": args.context_seconds, "stem_s": stem_s,
+                  "sampling_steps": n_steps}
+        log(f"{stem_s:g} s stem: ours eager")
+        ours()
+        t_ours = time_best(ours, args.repeats, device)
+        result["ours_s"] = round(t_ours, 2)
+        best = t_ours
+        if not args.no_compile:
+            log(f"{stem_s:g} s stem: ours compiled")
+            step_fn = compiled_step(lm)
+            ours(step_fn)  # compiles for this size
+            t_comp = time_best(lambda: ours(step_fn), args.repeats, device)
+            result["ours_compiled_s"] = round(t_comp, 2)
+            best = min(best, t_comp)
+        # the original: each step costs one decoder pass over the prefix, so a few timed steps at the
+        # start, middle and end give the whole loop (a quadratic in the prefix length, summed); with
+        # --original-full the whole loop is run and timed as well
+        log(f"{stem_s:g} s stem: original, timed steps")
+        at = [first, (first + S - 1) // 2, S - 2]
+        per_step = [time_best(lambda s=s: original.generate(decoder, grid, known, text, mask, sc, first=s, last=s + 2),
+                              args.repeats, device) / 2 for s in at]
+        coef = np.polyfit(at, per_step, 2)
+        estimate = float(np.polyval(coef, np.arange(first, S)).sum())
+        result["original_step_s_first_last"] = [round(per_step[0], 4), round(per_step[-1], 4)]
+        result["original_s_estimated"] = round(estimate, 1)
+        if args.original_full:
+            log(f"{stem_s:g} s stem: original, whole loop")
+            result["original_s"] = round(time_best(lambda: original.generate(decoder, grid, known, text, mask, sc), 1, device), 1)
+        t_orig = result.get("original_s", estimate)
+        result["speedup"] = round(t_orig / best, 1)
+        result["speedup_eager"] = round(t_orig / t_ours, 1)
+        print(json.dumps(result), flush=True)
+
+
+def train_step_fn(variant: str, preset: LMConfig, batch: int, frames: int, device, lr: float = 1e-4):
+    """One training step (forward, loss, backward, AdamW) of `variant` on random codes and text states,
+    same weights for ours and transformers: `ours`, `ours_compiled` (torch.compile of forward + loss)
+    or `hf` (transformers' MusicgenForCausalLM, the T5 projection in front). Returns (step, n_params)."""
+    import torch.nn.functional as F
+
+    hf = hf_model(preset)
+    K, S = preset.n_codebooks, frames + preset.n_codebooks
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, preset.card, (batch, K, S), generator=g).to(device)
+    states = torch.randn(batch, PROMPT_TOKENS, hf.config.text_encoder.d_model, generator=g).to(device)
+    mask = torch.ones(batch, PROMPT_TOKENS, dtype=torch.bool, device=device)
+
+    def loss_of(logits):  # (B, K, S, card): step s predicts step s + 1, every codebook
+        return F.cross_entropy(logits[:, :, :-1].flatten(0, 2).float(), codes[:, :, 1:].flatten())
+
+    if variant == "hf":
+        proj, decoder = hf.enc_to_dec_proj.to(device), hf.decoder.to(device).train()
+        params = list(proj.parameters()) + list(decoder.parameters())
+
+        def forward():
+            return loss_of(decoder(input_ids=codes.reshape(batch * K, S), encoder_hidden_states=proj(states),
+                                   encoder_attention_mask=mask.long()).logits.view(batch, K, S, -1))
+    else:
+        lm = our_lm(hf).to(device).train()
+        params = list(lm.parameters())
+
+        def forward():
+            return loss_of(lm(codes, lm.project_text(states, mask), mask))
+        if variant == "ours_compiled":
+            forward = torch.compile(forward)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=1e-3)
+
+    def step():
+        loss = forward()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+    return step, sum(p.numel() for p in params)
+
+
+def bench_train_variant(args, device):
+    """The child process of --mode train: one variant, its own process so that its peak memory is its own."""
+    preset = LMConfig.preset(args.config)
+    step, n_params = train_step_fn(args.variant, preset, args.batch, args.frames, device)
+    rss0 = rss_mb()
+    t0 = time.perf_counter()
+    loss0 = step()  # warm-up (the compile, for the compiled variant); the same weights give the same loss
+    first_s = time.perf_counter() - t0
+    times = []
+    for _ in range(args.repeats):
+        sync(device)
+        t = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    tokens = args.batch * (args.frames + preset.n_codebooks)  # sequence steps (each holds K tokens)
+    out = {"variant": args.variant, "params_m": round(n_params / 1e6, 1), "step_s": round(min(times), 3),
+           "steps_per_s": round(1 / min(times), 3), "frames_per_s": round(tokens / min(times), 1), "first_step_s": round(first_s, 1),
+           "first_loss": round(loss0, 4)}
+    if device.type == "cuda":
+        out["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    else:  # process peak RSS above what it held before the first step (weights, data, libraries)
+        out["peak_mem_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0, 1)
+    print(json.dumps(out), flush=True)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def bench_train(args, device):
+    """--mode train: each variant in a child process; one JSON line with the ratios."""
+    import subprocess
+
+    variants = ["hf", "ours"] + ([] if args.no_compile else ["ours_compiled"])
+    result = {"mode": "train", "config": args.config, "device": str(device), "threads": torch.get_num_threads(),
+              "batch": args.batch, "frames": args.frames}
+    for v in variants:
+        print(f"[bench train {args.config}] {v}", file=sys.stderr, flush=True)
+        cmd = [sys.executable, __file__, "--mode", "train", "--variant", v, "--config", args.config, "--batch", str(args.batch),
+               "--frames", str(args.frames), "--repeats", str(args.repeats), "--device", str(device)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"bench.py: the {v} variant failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+        child = json.loads(r.stdout.strip().splitlines()[-1])
+        for k in ("step_s", "frames_per_s", "peak_mem_mb", "first_step_s", "params_m", "first_loss"):
+            result[f"{v}_{k}"] = child[k]
+    losses = [result.pop(f"{v}_first_loss") for v in variants]
+    result["same_first_loss"] = max(losses) - min(losses) < 1e-3  # a check that both sides compute the same thing
+    result["speedup"] = round(result["hf_step_s"] / result["ours_step_s"], 2)
+    if "ours_compiled_step_s" in result:
+        result["speedup_compiled"] = round(result["hf_step_s"] / result["ours_compiled_step_s"], 2)
+    result["memory_ratio"] = round(result["ours_peak_mem_mb"] / max(result["hf_peak_mem_mb"], 1e-9), 2)
+    print(json.dumps(result), flush=True)
+
+
 def main(argv=None):
     p = OneLineParser(description=__doc__)
-    p.add_argument("--mode", default="decode", choices=["decode", "song", "song-f1"], help="decode: LM decoding speed, ours against transformers (eager, static cache, compiled); song: a whole song in windows; song-f1: beat F1 of a whole song against its first 10 s")
+    p.add_argument("--mode", default="decode", choices=["decode", "stage", "train", "song", "song-f1"], help="decode: LM decoding speed, ours against transformers (eager, static cache, compiled); train: forward + backward + AdamW, ours against transformers; stage: accompaniment, ours against the original STAGE loop; song: a whole song in windows; song-f1: beat F1 of a whole song against its first 10 s")
+    p.add_argument("--batch", type=int, default=4, help="train: rows per step")
+    p.add_argument("--frames", type=int, default=500, help="train: codec frames per row (500 = 10 s)")
+    p.add_argument("--variant", default="", choices=["", "hf", "ours", "ours_compiled"], help="train: run one variant only (what the parent process runs in each child)")
+    p.add_argument("--context-seconds", type=float, default=10.0, help="stage: context length")
+    p.add_argument("--stem-seconds", default="10", help="stage: stem lengths, comma list (e.g. 5,10,20)")
+    p.add_argument("--original-full", action="store_true", help="stage: also run the original's whole loop (slow), not only the timed steps it is estimated from")
     p.add_argument("--seconds", type=float, default=60.0, help="song modes: the song's length")
     p.add_argument("--model", help="song-f1: a trained STAGE drums model (required there; unused by the other modes)")
     p.add_argument("--prompt", default="", help="song-f1: the prompt (default: empty)")
@@ -182,6 +377,10 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")), getattr(torch, args.dtype)
+    if args.mode == "train":
+        return bench_train_variant(args, device) if args.variant else bench_train(args, device)
+    if args.mode == "stage":
+        return bench_stage(args, device, dtype)
     if args.mode == "song":
         return bench_song(args, device, dtype)
     if args.mode == "song-f1":

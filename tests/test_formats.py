@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from stage_min import delay
+from stage_min import delay, original
 from stage_min.convert import main as convert_main
 from stage_min.formats import detect_layout, export_hf, export_native
 from stage_min.loading import LoadError
@@ -149,71 +149,12 @@ def test_audiocraft_errors_name_the_problem(tiny_hf, audiocraft_dir, t5_dir, tmp
 
 
 # ---- official STAGE (x-transformers 1.26.0) ------------------------------------------------------
-class ResidualTokens(nn.Module):
-    """Sum of one embedding per codebook; the special token's row is padding (zero, no gradient)."""
-
-    def __init__(self, dim, rows, n_q, padding):
-        super().__init__()
-        self.emb = nn.ModuleList([nn.Embedding(rows, dim, padding_idx=padding) for _ in range(n_q)])
-
-    def forward(self, x):
-        return sum(e(x[:, k]) for k, e in enumerate(self.emb))
-
-
-class StagePositions(nn.Module):
-    """cos | sin halves, frequency step 1 / (half - 1), at the given (B, T, 1) positions."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, x, pos=None, seq_start_pos=None):
-        half = self.dim // 2
-        phase = pos.float() / (10000.0 ** (torch.arange(half).float().view(1, 1, -1) / (half - 1)))
-        return torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1)
-
-
-class ResidualHeads(nn.Module):
-    def __init__(self, dim, card, n_q):
-        super().__init__()
-        self.linears = nn.ModuleList([nn.Linear(dim, card, bias=False) for _ in range(n_q)])
-
-    def forward(self, x):
-        return torch.stack([head(x) for head in self.linears], dim=1)
-
-
 def build_stage_decoder(dim=128, depth=2, seed=0):
-    """The decoder as the STAGE code builds it (MusicGen-small settings, smaller)."""
-    import x_transformers as xt
-
-    torch.manual_seed(seed)
-    decoder = xt.TransformerWrapper(
-        num_tokens=2050, max_seq_len=500, use_abs_pos_emb=True, scaled_sinu_pos_emb=True,
-        attn_layers=xt.Decoder(dim=dim, depth=depth, heads=dim // 64, attn_dim_head=64, attn_flash=True, ff_no_bias=True, cross_attend=True),
-    )
-    decoder.token_emb = ResidualTokens(dim, 2050, 4, padding=2048)
-    decoder.pos_emb = StagePositions(dim)
-    decoder.to_logits = ResidualHeads(dim, 2048, 4)
-    with torch.no_grad():
-        for name, p in decoder.named_parameters():
-            if "attn_layers" in name and p.dim() == 1:  # norms: not the trivial ones/zeros init
-                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
-        for e in decoder.token_emb.emb:
-            e.weight[2048] = 0  # what padding_idx and STAGE's loader leave in the checkpoint
-    return decoder.eval()
+    return original.build_decoder(dim, depth, max_seq_len=500, seed=seed)
 
 
 def stage_reference_logits(decoder, grid, text, text_mask):
-    """Logits the way STAGE's MusicgenLm.forward computes them: a step exists when any codebook holds
-    a real token; positions count from the first such step; rows without text get one zero vector."""
-    attention_mask = (grid != 2048).any(1)
-    first = attention_mask.long().argmax(-1, keepdim=True)
-    steps = torch.arange(grid.shape[-1])[None]
-    positions = torch.where(steps >= first, steps - first, torch.zeros_like(steps))[..., None]
-    empty = ~text_mask.any(-1)
-    text = torch.where(empty[:, None, None], torch.zeros_like(text), text)
-    text_mask = text_mask | empty[:, None]
-    return decoder(grid, mask=attention_mask, pos=positions, context=text, context_mask=text_mask), attention_mask
+    return original.logits(decoder, grid, text, text_mask)
 
 
 @pytest.fixture(scope="module")
@@ -276,6 +217,30 @@ def test_stage_checkpoint_matches_x_transformers(stage_ckpt, tiny_hf, t5_dir):
     ours.lm.clear_cache()
     cached = torch.stack(steps, dim=2)
     assert (cached - got[:, :, first - 1:-1]).abs().max().item() <= TOL
+
+
+@torch.no_grad()
+def test_original_sampling_loop_and_ours_pick_the_same_tokens(stage_ckpt, tiny_hf, t5_dir):
+    """With top-k 1 (no randomness), the original's loop (the whole sequence re-run at every step, no
+    cache) and our cached sampler fill a STAGE grid with the same tokens: bench.py --mode stage times
+    the same work on both sides."""
+    from stage_min.generate import SamplingConfig, generate_tokens
+    from stage_min.stage import generation_rows
+
+    path, decoder, output_proj = stage_ckpt
+    ours = MusicGen.from_pretrained(str(path), t5=str(t5_dir))
+    context = torch.randint(0, 2048, (1, 4, 7), generator=torch.Generator().manual_seed(5))
+    grid, known, keep, _ = generation_rows(context, torch.tensor([7]), 9, 2048, 2049, guidance=True)
+    text, mask = ours.text_condition(PROMPT)
+    sc = SamplingConfig(cfg_coef=3.0, top_k=1)
+    got = generate_tokens(ours.lm, grid, known, text, mask, sc, keep=keep)
+    ids, tmask = ours.text_encoder.tokenize(PROMPT)
+    ref_text = output_proj(tiny_hf[1].text_encoder(input_ids=ids, attention_mask=tmask.long()).last_hidden_state) * tmask[..., None]
+    expected = original.generate(decoder, grid, known, ref_text, tmask, sc)
+    sampled = ~known[:1]
+    assert sampled.sum() >= 9 * 4 - 6
+    assert torch.equal(got[sampled], expected[sampled])
+    assert not torch.equal(got[sampled], torch.zeros_like(got[sampled]))
 
 
 @torch.no_grad()
