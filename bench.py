@@ -251,35 +251,42 @@ def bench_stage(args, device, dtype):
         print(json.dumps(result), flush=True)
 
 
-def train_step_fn(variant: str, preset: LMConfig, batch: int, frames: int, device, lr: float = 1e-4):
-    """One training step (forward, loss, backward, AdamW) of `variant` on random codes and text states,
-    same weights for ours and transformers: `ours`, `ours_compiled` (torch.compile of forward + loss)
-    or `hf` (transformers' MusicgenForCausalLM, the T5 projection in front). Returns (step, n_params)."""
-    import torch.nn.functional as F
+def train_step_fn(variant: str, preset: LMConfig, batch: int, frames: int, context_frames: int, device, lr: float = 1e-4):
+    """One STAGE training step (forward, target loss, backward, AdamW) of `variant` on random codes and
+    text states, the same weights for ours and transformers: a [context][separator][target] grid, the
+    loss on target tokens only (train.py's). `ours` (train.py's StageLoss: logits for target steps only),
+    `ours_compiled` (the same under torch.compile) or `hf` (transformers' MusicgenForCausalLM, the T5
+    projection in front; it makes logits for every step). The separator is the special id here:
+    transformers' embedding has no row for STAGE's context token, and the cost is the same.
+    Returns (step, n_params)."""
+    from stage_min import training as T
+    from stage_min.stage import build_sequence
 
     hf = hf_model(preset)
-    K, S = preset.n_codebooks, frames + preset.n_codebooks
+    K, special = preset.n_codebooks, preset.special_id
     g = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, preset.card, (batch, K, S), generator=g).to(device)
+    context = torch.randint(0, preset.card, (batch, K, context_frames), generator=g)
+    codes = torch.randint(0, preset.card, (batch, K, frames), generator=g)
+    seq = build_sequence(context, codes, frames, special, special, torch.full((batch,), context_frames), None)
+    grid, keep, target = seq.grid.to(device), seq.keep.to(device), seq.target.to(device)
+    S = grid.shape[-1]
     states = torch.randn(batch, PROMPT_TOKENS, hf.config.text_encoder.d_model, generator=g).to(device)
     mask = torch.ones(batch, PROMPT_TOKENS, dtype=torch.bool, device=device)
-
-    def loss_of(logits):  # (B, K, S, card): step s predicts step s + 1, every codebook
-        return F.cross_entropy(logits[:, :, :-1].flatten(0, 2).float(), codes[:, :, 1:].flatten())
 
     if variant == "hf":
         proj, decoder = hf.enc_to_dec_proj.to(device), hf.decoder.to(device).train()
         params = list(proj.parameters()) + list(decoder.parameters())
 
         def forward():
-            return loss_of(decoder(input_ids=codes.reshape(batch * K, S), encoder_hidden_states=proj(states),
-                                   encoder_attention_mask=mask.long()).logits.view(batch, K, S, -1))
+            logits = decoder(input_ids=grid.reshape(batch * K, S), encoder_hidden_states=proj(states),
+                             encoder_attention_mask=mask.long()).logits.view(batch, K, S, -1)
+            return T.target_loss(logits, grid, target)
     else:
         lm = our_lm(hf).to(device).train()
-        params = list(lm.parameters())
+        params, loss_fn = list(lm.parameters()), T.StageLoss(lm)
 
         def forward():
-            return loss_of(lm(codes, lm.project_text(states, mask), mask))
+            return loss_fn(grid, keep, target, states, mask)
         if variant == "ours_compiled":
             forward = torch.compile(forward)
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=1e-3)
@@ -296,7 +303,7 @@ def train_step_fn(variant: str, preset: LMConfig, batch: int, frames: int, devic
 def bench_train_variant(args, device):
     """The child process of --mode train: one variant, its own process so that its peak memory is its own."""
     preset = LMConfig.preset(args.config)
-    step, n_params = train_step_fn(args.variant, preset, args.batch, args.frames, device)
+    step, n_params = train_step_fn(args.variant, preset, args.batch, args.frames, args.context_frames, device)
     rss0 = rss_mb()
     t0 = time.perf_counter()
     loss0 = step()  # warm-up (the compile, for the compiled variant); the same weights give the same loss
@@ -308,9 +315,9 @@ def bench_train_variant(args, device):
         step()
         sync(device)
         times.append(time.perf_counter() - t)
-    tokens = args.batch * (args.frames + preset.n_codebooks)  # sequence steps (each holds K tokens)
+    frames = args.batch * (args.context_frames + 1 + args.frames + preset.n_codebooks)  # sequence steps (K tokens each)
     out = {"variant": args.variant, "params_m": round(n_params / 1e6, 1), "step_s": round(min(times), 3),
-           "steps_per_s": round(1 / min(times), 3), "frames_per_s": round(tokens / min(times), 1), "first_step_s": round(first_s, 1),
+           "steps_per_s": round(1 / min(times), 3), "frames_per_s": round(frames / min(times), 1), "first_step_s": round(first_s, 1),
            "first_loss": round(loss0, 4)}
     if device.type == "cuda":
         out["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -330,11 +337,11 @@ def bench_train(args, device):
 
     variants = ["hf", "ours"] + ([] if args.no_compile else ["ours_compiled"])
     result = {"mode": "train", "config": args.config, "device": str(device), "threads": torch.get_num_threads(),
-              "batch": args.batch, "frames": args.frames}
+              "batch": args.batch, "context_frames": args.context_frames, "frames": args.frames}
     for v in variants:
         print(f"[bench train {args.config}] {v}", file=sys.stderr, flush=True)
         cmd = [sys.executable, __file__, "--mode", "train", "--variant", v, "--config", args.config, "--batch", str(args.batch),
-               "--frames", str(args.frames), "--repeats", str(args.repeats), "--device", str(device)]
+               "--frames", str(args.frames), "--context-frames", str(args.context_frames), "--repeats", str(args.repeats), "--device", str(device)]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -356,7 +363,8 @@ def main(argv=None):
     p = OneLineParser(description=__doc__)
     p.add_argument("--mode", default="decode", choices=["decode", "stage", "train", "song", "song-f1"], help="decode: LM decoding speed, ours against transformers (eager, static cache, compiled); train: forward + backward + AdamW, ours against transformers; stage: accompaniment, ours against the original STAGE loop; song: a whole song in windows; song-f1: beat F1 of a whole song against its first 10 s")
     p.add_argument("--batch", type=int, default=4, help="train: rows per step")
-    p.add_argument("--frames", type=int, default=500, help="train: codec frames per row (500 = 10 s)")
+    p.add_argument("--frames", type=int, default=500, help="train: target frames per row (500 = 10 s)")
+    p.add_argument("--context-frames", type=int, default=500, help="train: context frames per row (0: plain MusicGen rows)")
     p.add_argument("--variant", default="", choices=["", "hf", "ours", "ours_compiled"], help="train: run one variant only (what the parent process runs in each child)")
     p.add_argument("--context-seconds", type=float, default=10.0, help="stage: context length")
     p.add_argument("--stem-seconds", default="10", help="stage: stem lengths, comma list (e.g. 5,10,20)")

@@ -55,9 +55,25 @@ class Request:
     top_k: int
     temperature: float
     seed: int | None
+    stack: list = None  # [(stem name, model)] made after the first stem, each over the song and the stems before it
 
 
-def check_request(song, bpm, beats_per_bar, prompt, model, seconds, guidance, top_k, temperature, seed) -> Request:
+def parse_stack(text: str) -> list[tuple[str, str]]:
+    """`bass=weights/stage-bass, keys=PATH` -> [(name, model)]; a bad entry raises gr.Error."""
+    stems = []
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, _, model = (x.strip() for x in item.partition("="))
+        if not name or not model or not name.replace("_", "").replace("-", "").isalnum():
+            raise gr.Error(f"Stack: write each stem as name=model, comma separated (bass=weights/stage-bass), got '{item.strip()}'.")
+        if name.lower() in ("stem", "mix") or name.lower() in [n.lower() for n, _ in stems]:
+            raise gr.Error(f"Stack: the stem name '{name}' is used twice or names an output (stem, mix).")
+        stems.append((name, model))
+    return stems
+
+
+def check_request(song, bpm, beats_per_bar, prompt, model, seconds, guidance, top_k, temperature, seed, stack="") -> Request:
     """Every input that can be checked before loading anything; a bad one raises gr.Error (a message
     in the page). The same rules as sample.py's options."""
     from .generate import SamplingConfig
@@ -85,7 +101,7 @@ def check_request(song, bpm, beats_per_bar, prompt, model, seconds, guidance, to
     except (ValueError, TypeError) as e:
         raise gr.Error(f"Sampling settings: {e}.") from None
     return Request(song, bpm, int(beats_per_bar), prompt, model.strip(), float(seconds), float(guidance), int(top_k),
-                   float(temperature), None if seed is None else int(seed))
+                   float(temperature), None if seed is None else int(seed), parse_stack(stack))
 
 
 def model_location(name: str) -> str:
@@ -177,10 +193,12 @@ class Generator:
             shutil.rmtree(self.out_dir, ignore_errors=True)
 
     def __call__(self, song, bpm, beats_per_bar, genres, moods, prompt, model, seconds, guidance, top_k, temperature,
-                 seed, progress=gr.Progress(track_tqdm=True)):
+                 seed, stack="", progress=gr.Progress(track_tqdm=True)):
         request = check_request(song, bpm, beats_per_bar, build_prompt(genres, moods, prompt), model, seconds, guidance,
-                                top_k, temperature, seed)
+                                top_k, temperature, seed, stack)
         location = model_location(request.model)
+        for _, name in request.stack:
+            model_location(name)  # a missing model is said before anything runs
         try:
             return self.generate(request, location, progress)
         except gr.Error:
@@ -212,14 +230,20 @@ class Generator:
         n_frames = max(1, round(request.seconds * FRAME_RATE))
         sampling = SamplingConfig(cfg_coef=request.guidance, top_k=request.top_k, temperature=request.temperature)
         seed = request.seed if request.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-        # stacking (issue 13: a second stem conditioned on the song and the first one) plugs in here:
-        # loop over the chosen stems, adding each generated stem to `context` before the next
         audio, _ = model.accompany([torch.from_numpy(context)], [request.prompt], n_frames, sampling, seed=seed,
                                    progress=True)
         stem = audio[0, 0].cpu().numpy()
         mix = np.zeros_like(stem)
         mix[: min(len(stem), len(context))] = context[: len(stem)]
         mix += stem
+        stacked = {}  # each later stem plays over the song and every stem made before it, as in training
+        for i, (name, stacked_model) in enumerate(request.stack):
+            progress(0.5 + 0.45 * i / len(request.stack), desc=f"stacking {name}")
+            other = get_model(model_location(stacked_model), self.t5)
+            audio, _ = other.accompany([torch.from_numpy(mix.copy())], [request.prompt], n_frames, sampling,
+                                       seed=seed + 1 + i, progress=True)
+            stacked[name] = audio[0, 0].cpu().numpy()
+            mix = mix + stacked[name]
 
         progress(0.98, desc="writing the files")
         self.out_dir = self.out_dir or Path(tempfile.mkdtemp(prefix="stage_min_app_"))
@@ -228,11 +252,16 @@ class Generator:
         folder.mkdir()
         stem_path, mix_path = folder / "stem.wav", folder / "mix.wav"
         save_audio(stem_path, stem, model.sample_rate)
+        for name, audio in stacked.items():
+            save_audio(folder / f"{name}.wav", audio, model.sample_rate)
         save_audio(mix_path, mix, model.sample_rate)
         source = "the song" if request.song else f"a click track at {request.bpm:g} BPM, {request.beats_per_bar} beats per bar"
         summary = (f"Generated {len(stem) / model.sample_rate:.2f} s of stem over {source} in "
                    f"{time.perf_counter() - start:.1f} s (seed {seed}; prompt: \"{request.prompt}\").")
-        return str(stem_path), str(mix_path), [str(stem_path), str(mix_path)], summary
+        if stacked:
+            summary += f" Stacked on it: {', '.join(stacked)}."
+        files = [str(stem_path), *(str(folder / f"{name}.wav") for name in stacked), str(mix_path)]
+        return str(stem_path), str(mix_path), files, summary
 
 
 # ---- the page -----------------------------------------------------------------------------------
@@ -242,6 +271,11 @@ def local_models() -> list[str]:
     found = sorted(f"weights/{p.name}" for p in weights.iterdir() if p.is_dir() and (p / "config.json").exists()) \
         if weights.is_dir() else []
     return found
+
+
+def show_prompt(genres: str, moods: str, text: str) -> str:
+    prompt = build_prompt(genres, moods, text)
+    return f"Prompt sent to the model: `{prompt}`" if prompt else "Prompt sent to the model: (none)"
 
 
 def build_page(generator: Generator, model: str = DEFAULT_MODEL) -> gr.Blocks:
@@ -259,11 +293,14 @@ def build_page(generator: Generator, model: str = DEFAULT_MODEL) -> gr.Blocks:
                     genres = gr.Textbox(label="Genres", value="rock, indie", placeholder="rock, indie", elem_id="genres")
                     moods = gr.Textbox(label="Moods", value="groovy", placeholder="groovy, energetic", elem_id="moods")
                 prompt = gr.Textbox(label="More description (after Genres and Moods)", value="", elem_id="prompt")
-                sent = gr.Markdown(elem_id="prompt_sent")
+                # filled here, not by a page-load event: a load answered late (a cold server) would
+                # overwrite a preview already updated by the user's typing
+                sent = gr.Markdown(show_prompt(genres.value, moods.value, prompt.value), elem_id="prompt_sent")
                 model_box = gr.Dropdown(label="Model (a STAGE folder or checkpoint file)", value=model,
                                         choices=sorted({model, *local_models()}), allow_custom_value=True, elem_id="model")
                 notice = gr.Markdown(model_notice(model), elem_id="model_notice")
-                # a stems selector (drums, bass, ... stacked; issue 13) goes here once stacking lands
+                stack = gr.Textbox(label="Then stack more stems (optional): name=model, comma separated", value="",
+                                   placeholder="bass=weights/stage-bass", elem_id="stack")
                 seconds = gr.Slider(0.5, MAX_SECONDS, value=4.0, step=0.5, label="Duration (s)", elem_id="seconds")
                 with gr.Accordion("Sampling", open=False):
                     guidance = gr.Slider(1.0, 10.0, value=3.0, step=0.5, label="Guidance (1 = off)")
@@ -277,15 +314,10 @@ def build_page(generator: Generator, model: str = DEFAULT_MODEL) -> gr.Blocks:
                 files = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
                 summary = gr.Markdown(elem_id="summary")
 
-        def show_prompt(g, m, p):
-            text = build_prompt(g, m, p)
-            return f"Prompt sent to the model: `{text}`" if text else "Prompt sent to the model: (none)"
-
         for box in (genres, moods, prompt):
             box.change(show_prompt, [genres, moods, prompt], sent, queue=False, show_progress="hidden")
-        page.load(show_prompt, [genres, moods, prompt], sent, queue=False, show_progress="hidden")
         model_box.change(model_notice, model_box, notice, queue=False, show_progress="hidden")
         run.click(generator, [song, bpm, beats_per_bar, genres, moods, prompt, model_box, seconds, guidance, top_k,
-                              temperature, seed], [stem_out, mix_out, files, summary], concurrency_limit=1)
+                              temperature, seed, stack], [stem_out, mix_out, files, summary], concurrency_limit=1)
     page.queue(default_concurrency_limit=1, max_size=16)  # one generation at a time: tabs wait their turn
     return page

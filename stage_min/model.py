@@ -237,12 +237,15 @@ class MusicGenLM(nn.Module):
         return torch.stack([head(x) for head in self.heads], dim=1)  # (B, K, S, card)
 
     # ---- full sequence ------------------------------------------------------------------------
-    def forward(self, codes, text, text_mask, keep=None):
+    def forward(self, codes, text, text_mask, keep=None, first_logit: int = 0):
         """codes (B, K, S) interleaved ids; text (B, L, dim) projected; text_mask (B, L) bool;
-        keep (B, S) bool or None. Returns logits (B, K, S, card): step s predicts step s+1."""
+        keep (B, S) bool or None. Returns logits (B, K, S - first_logit, card) of steps first_logit..:
+        step s predicts step s+1 (training skips a STAGE context's logits: no loss reads them)."""
         B, K, S = codes.shape
         if not self.cfg.attend_start_step:
             keep = without_start_step(keep, B, S, codes.device)
+        if keep is not None and bool(keep.all()):
+            keep = None  # nothing dropped: the plain causal mask, which SDPA runs faster than an explicit one
         if keep is None:
             positions = torch.arange(S, device=codes.device).expand(B, S)
             self_mask = None  # plain causal
@@ -256,7 +259,7 @@ class MusicGenLM(nn.Module):
         x = self._embed(codes, positions)
         for layer, (k, v) in zip(self.layers, kvs):
             x = layer(x, self_mask, k, v, cross_mask)
-        return self._logits(x)
+        return self._logits(x[:, first_logit:])
 
     # ---- cached generation --------------------------------------------------------------------
     def setup_cache(self, batch: int, max_steps: int, text, text_mask):

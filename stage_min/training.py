@@ -364,22 +364,32 @@ def valid_steps(target: torch.Tensor) -> torch.Tensor:
     return target & (frame < (S - K) - k)
 
 
-def target_loss(logits: torch.Tensor, grid: torch.Tensor, target: torch.Tensor, valid_only: bool = True) -> torch.Tensor:
+def target_loss(logits: torch.Tensor, grid: torch.Tensor, target: torch.Tensor, valid_only: bool = True,
+                first: int = 0) -> torch.Tensor:
     """Cross-entropy on target-frame tokens only (valid steps only, by default), averaged per
-    codebook, then over codebooks. logits[:, :, s-1] predict grid[:, :, s]."""
-    B, K, S, card = logits.shape
-    mask = (valid_steps(target) if valid_only else target)[:, :, 1:]
+    codebook, then over codebooks. logits[:, :, s-1-first] predict grid[:, :, s]: logits may start at
+    step `first` (the LM's first_logit), all earlier steps being context."""
+    B, K, S = grid.shape
+    mask = (valid_steps(target) if valid_only else target)[:, :, first + 1:]
     lg = logits[:, :, :-1][mask].float()  # (N, card)
-    y = grid[:, :, 1:][mask]
-    k = torch.arange(K, device=grid.device)[None, :, None].expand(B, K, S - 1)[mask]
+    y = grid[:, :, first + 1:][mask]
+    k = torch.arange(K, device=grid.device)[None, :, None].expand(B, K, S - 1 - first)[mask]
     ce = F.cross_entropy(lg, y, reduction="none")
     per_k = torch.zeros(K, device=ce.device).index_add(0, k, ce) / torch.bincount(k, minlength=K).clamp(min=1)
     return per_k.mean()
 
 
+def first_target_logit(target: torch.Tensor) -> int:
+    """The step whose logits predict the first target token: every row's context ends at the same
+    step (contexts are right-aligned), so no logits are needed before it."""
+    steps = target.any(1).any(0).nonzero()
+    return max(int(steps[0]) - 1, 0) if len(steps) else 0
+
+
 class StageLoss(nn.Module):
     """The LM with its loss, as one module, so that DistributedDataParallel sees the text
-    projection and the decoder used in one forward."""
+    projection and the decoder used in one forward. Logits are made for target steps only: a STAGE
+    window is half context, whose logits no loss reads (half the output-head work and logits memory)."""
 
     def __init__(self, lm: MusicGenLM, valid_only: bool = True):
         super().__init__()
@@ -387,8 +397,9 @@ class StageLoss(nn.Module):
 
     def forward(self, grid, keep, target, states, mask):
         text = self.lm.project_text(states, mask)
-        logits = self.lm(grid, text, mask, keep)
-        return target_loss(logits, grid, target, self.valid_only)
+        first = first_target_logit(target)
+        logits = self.lm(grid, text, mask, keep, first_logit=first)
+        return target_loss(logits, grid, target, self.valid_only, first)
 
 
 @torch.no_grad()
