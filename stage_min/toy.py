@@ -1,6 +1,6 @@
 """The toy STAGE shipped in weights/stage-toy, rebuilt from nothing on a CPU:
 
-    python -m stage_min.toy weights/stage-toy [--work runs/toy] [--songs 1000] [--steps N]
+    python -m stage_min.toy weights/stage-toy [--work runs/toy] [--songs 1000] [--steps 3000]
 
 Steps, each kept in the work folder so that a stopped run picks up where it was:
 1. songs: synthetic songs in `synth.TOY` style (70-180 BPM, 3/4, 4/4 and 5/4, three fixed kits named in
@@ -11,9 +11,7 @@ Steps, each kept in the work folder so that a stopped run picks up where it was:
    songs (it learns the kits and to keep a beat going), then, resumed, on the tempo-change songs: a steady
    song's drums can keep time from their own past after the first beats, so the context lowers the loss
    very little and the model hardly learns to read it; where the tempo changes, only the context says
-   when the next beat falls; then, resumed again, on both kinds of song (phase 3), with click contexts
-   in 70 % of windows (the original: 50 %) and the windows cut from codes cached per song
-   (`train.py --code-cache`, about twice as fast on a CPU);
+   when the next beat falls;
 5. package: the run exported self-contained (native layout, fp16) -> OUT, with the geometry it was
    trained on recorded in config.json so that generation uses the same one.
 
@@ -35,8 +33,6 @@ from .codec_train import CodecTrainConfig
 ROOT = Path(__file__).resolve().parents[1]
 WINDOW_SECONDS = 4.0
 VAL_FRACTION = 0.02  # 20 of 1000 songs held out, for the accompaniment evaluation
-PHASE3_OPTIONS = ["--p-metronome", "0.7", "--code-cache"]  # more click contexts; about 2x faster steps
-PHASE3_STEPS = 1360  # set to the shipped model's step count once phase 3 is done (MODEL_CARD.md)
 TRAIN_OPTIONS = [  # train.py options of the toy LM (beside --data/--out/--base/--max-steps)
     "--target", "drums", "--preset", "tiny", "--dim", "128", "--layers", "4", "--heads", "4",
     "--target-seconds", str(WINDOW_SECONDS), "--context-min", str(WINDOW_SECONDS), "--context-max", str(WINDOW_SECONDS),
@@ -79,26 +75,10 @@ def make_base(folder: Path, codec_folder: Path, seed: int):
     tiny.build(folder, seed=seed, codec=codec)
 
 
-def make_mixed(folder: Path, steady: Path, changes: Path, seed: int):
-    """Phase 3's data: links to the steady songs' training split (the songs the accompaniment evaluation
-    holds out stay out) and to every tempo-change song."""
-    from .data import find_songs, split_songs
-
-    if (folder / "done").exists():
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    train, _ = split_songs(find_songs(steady), VAL_FRACTION, seed)
-    links = [("a_" + s.name, steady / s.name) for s in train] + [("b_" + s.name, changes / s.name) for s in find_songs(changes)]
-    for name, target in links:
-        if not (folder / name).exists():
-            (folder / name).symlink_to(target.resolve(), target_is_directory=True)
-    (folder / "done").write_text(f"{len(links)}\n")
-
-
-def train_lm(run: Path, songs: Path, base: Path, steps: int, seed: int, extra: list = ()):
+def train_lm(run: Path, songs: Path, base: Path, steps: int, seed: int):
     """train.py up to `steps` (resuming the run in `run` if there is one, whatever songs it saw)."""
     cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(songs), "--out", str(run), "--base", str(base),
-           "--max-steps", str(steps), "--seed", str(seed), *TRAIN_OPTIONS, *extra]
+           "--max-steps", str(steps), "--seed", str(seed), *TRAIN_OPTIONS]
     from .training import latest_checkpoint
 
     done = latest_checkpoint(run)
@@ -153,9 +133,7 @@ def main(argv=None):
     p.add_argument("--song-seconds", type=float, default=6.0, help="length of each song")
     p.add_argument("--songs2", type=int, default=600, help="songs with tempo changes for the second phase")
     p.add_argument("--phase1-steps", type=int, default=664, help="LM steps on steady songs before the tempo-change songs")
-    p.add_argument("--phase2-steps", type=int, default=1360, help="LM steps after the tempo-change phase")
-    p.add_argument("--steps", type=int, default=PHASE3_STEPS, help="LM optimizer steps in all (phase 3: both kinds of "
-                   "song, more click contexts, windows cut from cached codes)")
+    p.add_argument("--steps", type=int, default=1360, help="LM optimizer steps in all")
     p.add_argument("--codec-steps", type=int, default=CodecTrainConfig.steps, help="codec autoencoder steps")
     p.add_argument("--codec-songs", type=int, default=CodecTrainConfig.songs, help="songs the codec is trained on")
     p.add_argument("--seed", type=int, default=0, help="seed of the songs, codec and LM runs")
@@ -172,9 +150,7 @@ def main(argv=None):
     log("codec"), make_codec(work / "codec", codec_cfg)
     log("base"), make_base(work / "base", work / "codec", a.seed)
     log("lm, phase 1: steady songs"), train_lm(work / "lm", work / "songs", work / "base", min(a.phase1_steps, a.steps), a.seed)
-    log("lm, phase 2: tempo changes"), train_lm(work / "lm", work / "songs2", work / "base", min(a.phase2_steps, a.steps), a.seed)
-    make_mixed(work / "mixed", work / "songs", work / "songs2", a.seed)
-    log("lm, phase 3: both"), train_lm(work / "lm", work / "mixed", work / "base", a.steps, a.seed, PHASE3_OPTIONS)
+    log("lm, phase 2: tempo changes"), train_lm(work / "lm", work / "songs2", work / "base", a.steps, a.seed)
     log("package"), package(work / "lm", Path(a.out))
     if not a.no_eval:
         log("evaluate"), evaluate_model(Path(a.out), work / "songs", work / "eval", a.seed)

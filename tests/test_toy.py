@@ -68,11 +68,10 @@ def test_toy_rebuild_command_runs_a_few_steps(tmp_path):
     from stage_min.pipeline import MusicGen
 
     out = tmp_path / "model"
-    toy.main([str(out), "--work", str(tmp_path / "work"), "--songs", "5", "--songs2", "5", "--phase1-steps", "1", "--phase2-steps", "2", "--song-seconds", "5", "--steps", "3", "--no-eval",
+    toy.main([str(out), "--work", str(tmp_path / "work"), "--songs", "5", "--songs2", "5", "--phase1-steps", "1", "--song-seconds", "5", "--steps", "2", "--no-eval",
               "--codec-steps", "2", "--codec-songs", "1"])
     config = json.loads((out / "config.json").read_text())
-    assert config["window_seconds"] == toy.WINDOW_SECONDS and config["trained_steps"] == 3  # all three phases ran
-    assert len(list((tmp_path / "work" / "mixed").iterdir())) >= 5 + 4  # phase 3: steady songs (minus held out) + tempo changes
+    assert config["window_seconds"] == toy.WINDOW_SECONDS and config["trained_steps"] == 2
     model = MusicGen.from_pretrained(str(out))
     assert model.window_frames == round(toy.WINDOW_SECONDS * 50) and model.lm.cfg.card == 256
     audio, codes = model.accompany([torch.zeros(32000)], [""], 25, seed=0)
