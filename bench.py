@@ -365,7 +365,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=4, help="train: rows per step")
     p.add_argument("--frames", type=int, default=500, help="train: target frames per row (500 = 10 s)")
     p.add_argument("--context-frames", type=int, default=500, help="train: context frames per row (0: plain MusicGen rows)")
-    p.add_argument("--variant", default="", choices=["", "hf", "ours", "ours_compiled"], help="train: run one variant only (what the parent process runs in each child)")
+    p.add_argument("--variant", default="all", choices=["all", "hf", "ours", "ours_compiled"], help="train: every variant, each in a child process, or one only (what each child runs)")
     p.add_argument("--context-seconds", type=float, default=10.0, help="stage: context length")
     p.add_argument("--stem-seconds", default="10", help="stage: stem lengths, comma list (e.g. 5,10,20)")
     p.add_argument("--original-full", action="store_true", help="stage: also run the original's whole loop (slow), not only the timed steps it is estimated from")
@@ -386,7 +386,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")), getattr(torch, args.dtype)
     if args.mode == "train":
-        return bench_train_variant(args, device) if args.variant else bench_train(args, device)
+        return bench_train(args, device) if args.variant == "all" else bench_train_variant(args, device)
     if args.mode == "stage":
         return bench_stage(args, device, dtype)
     if args.mode == "song":
