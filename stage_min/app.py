@@ -55,10 +55,10 @@ class Request:
     top_k: int
     temperature: float
     seed: int | None
-    stack: list = None  # [(stem name, model)] made after the first stem, each over the song and the stems before it
+    stack: tuple = ()  # ((stem name, model), ...) made after the first stem, each over the song and the stems before it
 
 
-def parse_stack(text: str) -> list[tuple[str, str]]:
+def parse_stack(text: str) -> tuple[tuple[str, str], ...]:
     """`bass=weights/stage-bass, keys=PATH` -> [(name, model)]; a bad entry raises gr.Error."""
     stems = []
     for item in (text or "").split(","):
@@ -70,7 +70,7 @@ def parse_stack(text: str) -> list[tuple[str, str]]:
         if name.lower() in ("stem", "mix") or name.lower() in [n.lower() for n, _ in stems]:
             raise gr.Error(f"Stack: the stem name '{name}' is used twice or names an output (stem, mix).")
         stems.append((name, model))
-    return stems
+    return tuple(stems)
 
 
 def check_request(song, bpm, beats_per_bar, prompt, model, seconds, guidance, top_k, temperature, seed, stack="") -> Request:
@@ -197,8 +197,8 @@ class Generator:
         request = check_request(song, bpm, beats_per_bar, build_prompt(genres, moods, prompt), model, seconds, guidance,
                                 top_k, temperature, seed, stack)
         location = model_location(request.model)
-        for _, name in request.stack:
-            model_location(name)  # a missing model is said before anything runs
+        for _, stacked_model in request.stack:
+            model_location(stacked_model)  # a missing model is said before anything runs
         try:
             return self.generate(request, location, progress)
         except gr.Error:
