@@ -112,6 +112,8 @@ def page(browser, server):  # (browser first: when it is skipped, no server is s
 
 
 def test_song_to_stem_in_the_browser(page, tmp_path):
+    from playwright.sync_api import expect  # importable here: the page fixture skips without playwright
+
     song = tmp_path / "song.wav"  # 3 s at 44.1 kHz stereo: the app resamples and cuts it to the stem's length
     t = np.arange(int(3 * 44100)) / 44100
     tone = 0.3 * np.sin(2 * np.pi * 220 * t) * (np.sin(2 * np.pi * 2 * t) > 0)
@@ -123,11 +125,14 @@ def test_song_to_stem_in_the_browser(page, tmp_path):
     seconds.fill(str(SECONDS))
     seconds.press("Enter")
     page.get_by_text("Sampling").click()  # the accordion with the sampling settings
-    page.locator("#seed input").fill("7")
+    seed = page.locator("#seed input")
+    seed.fill("7")
+    seed.press("Enter")  # commits the number, as for the duration (a cold page kept -1 after a bare fill)
     prompt = page.locator("#prompt textarea")
     prompt.fill("tight snare")
     prompt.press("Tab")  # leaving the box fires its change event too (a cold first page can miss the input one)
     page.locator("#prompt_sent", has_text="Genres: rock, indie. Moods: groovy. tight snare").wait_for(timeout=90_000)
+    expect(seed).to_have_value("7")
     page.locator("#generate").click()
 
     page.locator("#summary", has_text="Generated").wait_for()
