@@ -308,16 +308,10 @@ def bench_train_variant(args, device):
     t0 = time.perf_counter()
     loss0 = step()  # warm-up (the compile, for the compiled variant); the same weights give the same loss
     first_s = time.perf_counter() - t0
-    times = []
-    for _ in range(args.repeats):
-        sync(device)
-        t = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t)
+    best = time_best(step, args.repeats, device)
     frames = args.batch * (args.context_frames + 1 + args.frames + preset.n_codebooks)  # sequence steps (K tokens each)
-    out = {"variant": args.variant, "params_m": round(n_params / 1e6, 1), "step_s": round(min(times), 3),
-           "steps_per_s": round(1 / min(times), 3), "frames_per_s": round(frames / min(times), 1), "first_step_s": round(first_s, 1),
+    out = {"variant": args.variant, "params_m": round(n_params / 1e6, 1), "step_s": round(best, 3),
+           "steps_per_s": round(1 / best, 3), "frames_per_s": round(frames / best, 1), "first_step_s": round(first_s, 1),
            "first_loss": round(loss0, 4)}
     if device.type == "cuda":
         out["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

@@ -149,20 +149,12 @@ def test_audiocraft_errors_name_the_problem(tiny_hf, audiocraft_dir, t5_dir, tmp
 
 
 # ---- official STAGE (x-transformers 1.26.0) ------------------------------------------------------
-def build_stage_decoder(dim=128, depth=2, seed=0):
-    return original.build_decoder(dim, depth, max_seq_len=500, seed=seed)
-
-
-def stage_reference_logits(decoder, grid, text, text_mask):
-    return original.logits(decoder, grid, text, text_mask)
-
-
 @pytest.fixture(scope="module")
 def stage_ckpt(tiny_hf, tmp_path_factory):
     """(file, decoder, output_proj): an official-layout STAGE checkpoint, saved with a .pt suffix like
     the released ones (the content is safetensors)."""
     hf = tiny_hf[1]
-    decoder = build_stage_decoder()
+    decoder = original.build_decoder(128, 2, max_seq_len=500)
     torch.manual_seed(1)
     output_proj = nn.Linear(32, 128)
     state = {f"lm.decoder.{k}": v for k, v in decoder.state_dict().items()}
@@ -199,7 +191,7 @@ def test_stage_checkpoint_matches_x_transformers(stage_ckpt, tiny_hf, t5_dir):
     ids, mask = ours.text_encoder.tokenize(PROMPT)
     states = tiny_hf[1].text_encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state
     ref_text = output_proj(states) * mask[..., None]
-    expected, stage_keep = stage_reference_logits(decoder, seq.grid, torch.cat([ref_text, torch.zeros_like(ref_text)]), text_mask)
+    expected, stage_keep = original.logits(decoder, seq.grid, torch.cat([ref_text, torch.zeros_like(ref_text)]), text_mask)
     # STAGE's mask is ours (prefix builder) minus the start step
     ours_keep = seq.keep.clone()
     ours_keep[:, 0] = False
