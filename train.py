@@ -45,7 +45,9 @@ HELP = {
     "context_min": "else a prefix of the window, uniform in [min, max] seconds", "context_max": "see --context-min",
     "context_step": "0: any whole number of frames (the original: any length); > 0: lengths on this grid, so that "
                     "contexts of equal length are encoded as one batch (faster, less varied)",
-    "p_metronome": "context replaced by a click track on the song's beats", "silence": "a stem whose peak over the window is below this is silent",
+    "p_metronome": "context replaced by a click track on the song's beats",
+    "p_copy_context": "context = the target stem itself (a copy task; the original: 0): a from-scratch toy learns "
+                      "first where context frame t sits, then what to take from it (stage_min.toy)", "silence": "a stem whose peak over the window is below this is silent",
     "val_fraction": "held-out songs",
     "p_speed": "augmentation: chance of a speed change", "speed_min": "speed change: lowest Rubber Band time ratio "
                "(window duration / song segment duration; < 1 is faster), in (0, 4]", "speed_max": "speed change: highest time ratio",
@@ -67,8 +69,8 @@ def parse_args(argv=None) -> tuple[T.TrainConfig, bool]:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(c, name), help=HELP[name])
     for name in ("lr", "beta1", "beta2", "weight_decay", "clip", "p_text_drop", "p_context_drop", "p_word_drop"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(c, name), help=HELP[name])
-    for name in ("target_seconds", "p_full_context", "context_min", "context_max", "context_step", "p_metronome", "silence",
-                 "val_fraction", "p_speed", "speed_min", "speed_max", "p_pitch"):
+    for name in ("target_seconds", "p_full_context", "context_min", "context_max", "context_step", "p_metronome", "p_copy_context",
+                 "silence", "val_fraction", "p_speed", "speed_min", "speed_max", "p_pitch"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name), help=HELP[name])
     p.add_argument("--pitch-semitones", type=int, default=d.pitch_semitones, help=HELP["pitch_semitones"])
     p.add_argument("--no-augment", action="store_true", help="no speed or pitch changes (the original augments; "
@@ -111,8 +113,8 @@ def parse_args(argv=None) -> tuple[T.TrainConfig, bool]:
     data_cfg = D.DataConfig(target=a.target.lower(), context_stems=context_stems, exclude=names(a.exclude or ""),
                             augment=not a.no_augment, beat_tracker=a.beat_tracker, pitch_semitones=a.pitch_semitones,
                             **{k: getattr(a, k) for k in ("target_seconds", "p_full_context", "context_min", "context_max",
-                                                          "context_step", "p_metronome", "silence", "val_fraction",
-                                                          "p_speed", "speed_min", "speed_max", "p_pitch")})
+                                                          "context_step", "p_metronome", "p_copy_context", "silence",
+                                                          "val_fraction", "p_speed", "speed_min", "speed_max", "p_pitch")})
     fields = {k: getattr(a, k) for k in T.TrainConfig.__dataclass_fields__ if k != "data_cfg" and hasattr(a, k)}
     fields.update(decay_all=not a.no_decay_1d, valid_steps_only=not a.loss_all_steps,
                   zero_special_row=not a.train_special_row)

@@ -63,6 +63,9 @@ class DataConfig:
     context_max: float = 10.0
     context_step: float = 0.0  # 0: any whole number of frames; > 0: lengths on this grid (fewer encoder calls)
     p_metronome: float = 0.5  # context replaced by a click track on the song's beats
+    # context = the target stem itself (a copy task; 0 in the original): a from-scratch toy first learns
+    # where context frame t sits (a fixed offset back) from a task where that is all it must learn
+    p_copy_context: float = 0.0
     silence: float = 0.01  # a stem whose peak over the window is below this is silent
     val_fraction: float = 0.1  # held-out songs, at least one when there are >= 2
     augment: bool = True  # speed and pitch changes of the whole window (stage_min.augment)
@@ -88,7 +91,7 @@ class DataConfig:
                              f"{self.context_min:g}, {self.context_max:g}, {self.target_seconds:g}")
         if not (self.context_step == 0 or self.context_step >= 0.02):  # one codec frame
             raise ValueError(f"--context-step must be 0 (any length) or >= 0.02 s (one frame), got {self.context_step:g}")
-        for name in ("p_metronome", "p_full_context", "p_speed", "p_pitch"):
+        for name in ("p_metronome", "p_copy_context", "p_full_context", "p_speed", "p_pitch"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name):g}")
         if not 0 < self.speed_min <= self.speed_max <= 4:
@@ -443,14 +446,16 @@ class StemWindows:
             t0, src_seconds = f0 / self.frame_rate, self.n_target * self.hop / self.sample_rate / aug.ratio
             metronome = bool(rng.random() < cfg.p_metronome)
             chosen = []
-            if metronome:
+            if cfg.p_copy_context and rng.random() < cfg.p_copy_context:  # drawn only when asked: other runs' draws stay
+                metronome, chosen = False, [cfg.target]
+            elif metronome:
                 beats = (sd.beats - t0) * aug.ratio  # where each beat lands in the (stretched) window
                 inside = (beats >= 0) & (beats < C / self.frame_rate)
                 if not inside.any():
                     continue
                 context = click_track(beats[inside], C * self.hop / self.sample_rate, sample_rate=self.sample_rate,
                                       downbeats=sd.downbeats[inside])
-            else:
+            if not metronome and not chosen:
                 others = [s for s in sorted(sd.peaks) if cfg.may_be_context(s) and sd.peaks[s][f0:f0 + n_src].max() >= cfg.silence]
                 if not others:
                     continue

@@ -193,7 +193,8 @@ def validation_windows(val_songs: list, val_data: list, cfg: TrainConfig, codec,
     if not val_songs:
         return []
     try:
-        val_cfg = replace(cfg.data_cfg, augment=False)  # held-out windows as the songs are
+        # held-out windows as the songs are, and as at inference: never a copy of the target
+        val_cfg = replace(cfg.data_cfg, augment=False, p_copy_context=0.0)
         val = StemWindows(val_data, val_cfg, codec.frame_rate, codec.sample_rate, stats)
         return [val.draw(np.random.default_rng([cfg.seed, 2**31, i])) for i in range(cfg.eval_windows)]
     except DataError as e:

@@ -163,6 +163,21 @@ def test_metronome_pairs(dataset):
     assert not any(w.draw(np.random.default_rng(i)).metronome for i in range(50))
 
 
+def test_copy_contexts_are_the_target_and_only_where_asked(dataset):
+    cfg = plain(target_seconds=1.0, context_min=0.5, context_max=0.5, p_full_context=0.0, p_metronome=0.5, p_copy_context=1.0)
+    songs, stats, codec = prepare(dataset, cfg)
+    w = D.StemWindows(songs, cfg, codec.frame_rate, SR, stats)
+    for i in range(10):
+        ex = w.draw(np.random.default_rng(i))
+        assert not ex.metronome and ex.context_stems == ["drums"]
+        np.testing.assert_array_equal(ex.context, ex.target[: len(ex.context)])  # the target's own first half
+    cfg.p_copy_context = 0.3
+    n = sum(w.draw(np.random.default_rng(i)).context_stems == ["drums"] for i in range(200))
+    assert 35 <= n <= 85  # binomial(200, 0.3)
+    with pytest.raises(ValueError, match="p-copy-context"):
+        D.DataConfig(p_copy_context=1.5).check()
+
+
 def test_beats_file_format():
     t, d = D.parse_beats("# comment\n0.5 1\n1.0 2\n1.5 3\n2.0 4\n2.5 1\n")
     np.testing.assert_allclose(t, [0.5, 1.0, 1.5, 2.0, 2.5])
