@@ -102,6 +102,9 @@ def parse_args(argv=None) -> tuple[T.TrainConfig, bool]:
     p.add_argument("--separator-init", default=c.separator_init, choices=T.SEPARATOR_INITS, help="new separator row: "
                    "kaiming normal (the original's) or mean of the code rows (an in-distribution vector for the "
                    "pretrained layers on the first steps)")
+    p.add_argument("--align-init", action="store_true", help="tiny preset: start layer 0's first head attending from "
+                   "target frame t to context frame t (by position; needs one context length) with code embeddings of std "
+                   "0.3: a from-scratch toy does not find that offset by itself in CPU time (stage_min.toy, docs/training.md)")
     p.add_argument("--cache-dir", default="", help="where per-song peaks and beats are cached (default: DATA/.stage_min_cache)")
     p.add_argument("--device", default="", help="cuda or cpu (default: cuda when available)")
     a = p.parse_args(argv)

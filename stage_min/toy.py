@@ -15,10 +15,12 @@ Steps, each kept in the work folder so that a stopped run picks up where it was:
 5. package: the run exported self-contained (native layout, fp16) -> OUT, with the geometry it was
    trained on recorded in config.json so that generation uses the same one.
 
-Why the toy's context is as long as its target (a fixed 4 s + 4 s window, not STAGE's 5-10 s context
+Why the toy's context is as long as its target (a fixed 2 s + 2 s window, not STAGE's 5-10 s context
 prefix): target frame t must find context frame t, which sits a fixed number of steps back only when
-the context length is fixed. A tiny model learns that fixed offset; with a variable one it did not
-learn to follow clicks at all in half an hour of CPU (REFERENCE.md section 9).
+the context length is fixed. Even then a from-scratch LM does not find that offset through MusicGen's
+sinusoidal positions in CPU time (it never learnt to follow clicks in earlier toys, nor to copy a context
+that is the target itself); `train.py --align-init` starts one head looking there, and copy windows
+(`--p-copy-context`) reward reading it from the first steps (docs/training.md).
 """
 import json
 import subprocess
@@ -31,13 +33,17 @@ from .cli import OneLineParser
 from .codec_train import CodecTrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-WINDOW_SECONDS = 4.0
+WINDOW_SECONDS = 2.0  # context and target window: target frame t sits 101 steps after context frame t
+ACCOMPANY_SECONDS = 4.0  # the accompaniment evaluation's stems: two windows of each held-out 6 s song
 VAL_FRACTION = 0.02  # 20 of 1000 songs held out, for the accompaniment evaluation
 TRAIN_OPTIONS = [  # train.py options of the toy LM (beside --data/--out/--base/--max-steps)
     "--target", "drums", "--preset", "tiny", "--dim", "128", "--layers", "4", "--heads", "4",
     "--target-seconds", str(WINDOW_SECONDS), "--context-min", str(WINDOW_SECONDS), "--context-max", str(WINDOW_SECONDS),
     "--batch-size", "8", "--lr", "1e-3", "--eval-every", "250", "--save-every", "250", "--eval-windows", "64",
     "--val-fraction", str(VAL_FRACTION), "--p-full-context", "0", "--context-stems", "bass,chords", "--no-augment",
+    # what makes a from-scratch toy read its context (docs/training.md): a head that starts at the context's
+    # same time, and copy windows (the context is the drum stem itself) that reward reading it at once
+    "--align-init", "--p-copy-context", "0.2", "--code-cache",
 ]
 
 
@@ -111,8 +117,8 @@ def evaluate_model(model_dir: Path, songs: Path, out: Path, seed: int) -> dict:
     tempo = E.tempo_experiment(model, list(range(80, 171, 10)), 3, 8.0, "", out / "tempo")
     E.write_results(tempo, out / "tempo")
     E.write_report(tempo, out / "tempo")
-    # the songs are 6 s long: one 4 s window of each held-out song
-    accompany = E.accompany_experiment(model, songs, "drums", out / "accompany", seconds=WINDOW_SECONDS, seed=seed,
+    # the songs are 6 s long: 4 s of each held-out song
+    accompany = E.accompany_experiment(model, songs, "drums", out / "accompany", seconds=ACCOMPANY_SECONDS, seed=seed,
                                        val_fraction=VAL_FRACTION, split_seed=seed)
     E.write_results(accompany, out / "accompany")
     E.write_report(accompany, out / "accompany")

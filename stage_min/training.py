@@ -70,6 +70,7 @@ class TrainConfig:
     device: str = ""
     cache_dir: str = ""  # default: DATA/.stage_min_cache
     code_cache: bool = False  # training windows cut from whole-song codes (SongCodes), not encoded one by one
+    align_init: bool = False  # tiny: init_aligned (a head that starts at the context's same time), not init_weights
     dim: int = 0  # tiny preset overrides (0 = preset value)
     layers: int = 0
     heads: int = 0
@@ -106,6 +107,12 @@ class TrainConfig:
             raise UsageError("--dim, --layers and --heads must be >= 1")
         if self.preset == "small" and (self.dim or self.layers or self.heads):
             raise UsageError("--dim/--layers/--heads only apply to --preset tiny (small keeps the base's shape)")
+        d = self.data_cfg
+        if self.align_init and (self.preset != "tiny" or d.context_min != d.context_max
+                                or (d.p_full_context > 0 and d.context_max != d.target_seconds)):
+            raise UsageError("--align-init needs --preset tiny and one context length (--context-min = --context-max, "
+                             "and --p-full-context 0 unless that length is the window): the head it sets looks a fixed "
+                             "number of steps back")
         if self.code_cache and self.data_cfg.augment:
             raise UsageError("--code-cache needs --no-augment: a stretched or shifted window has no whole-song codes")
         try:
@@ -148,6 +155,34 @@ def init_weights(lm: MusicGenLM, std: float = 0.02):
                 nn.init.zeros_(m.bias)
 
 
+def init_aligned(lm: MusicGenLM, offset: int, embed_std: float = 0.3, gain: float = 4.0, n_freqs: int = 16):
+    """--align-init for a from-scratch toy: PyTorch's default init, code embeddings of std `embed_std`
+    (positions then weigh as much as codes), and head 0 of layer 0 set to attend `offset` steps back by
+    position alone: from target frame t to context frame t, which a fixed-length context puts a fixed
+    number of steps back. A from-scratch LM does not find that offset through MusicGen's sinusoidal
+    positions in CPU time (docs/training.md measures it); a pretrained MusicGen already attends by
+    relative position. Only the start: every weight is trained as usual.
+
+    How: sinusoidal_positions(p) holds (cos wp, sin wp) pairs; the head's queries read n_freqs of those
+    pairs, its keys read them rotated by w * offset, so q(p) . k(j) = gain * sum cos(w (p - offset - j)),
+    largest at j = p - offset."""
+    cfg = lm.cfg
+    d, hd, half = cfg.dim, cfg.head_dim, cfg.dim // 2
+    with torch.no_grad():
+        for emb in lm.embed:
+            nn.init.normal_(emb.weight, std=embed_std)
+        n = min(n_freqs, hd // 2)
+        rows = torch.linspace(0, half // 2, n).round().long()  # a spread from the highest frequency down
+        w = torch.exp(rows.float() * (-math.log(10000.0) / (half - 1))) * offset
+        q, k = torch.zeros(hd, d), torch.zeros(hd, d)
+        for j, (i, c, s) in enumerate(zip(rows.tolist(), torch.cos(w), torch.sin(w))):
+            q[2 * j, i], q[2 * j + 1, half + i] = 1.0, 1.0
+            k[2 * j, i], k[2 * j, half + i] = c, -s  # (cos w(p+o), sin w(p+o)) from (cos wp, sin wp)
+            k[2 * j + 1, i], k[2 * j + 1, half + i] = s, c
+        qkv = lm.layers[0].self_attn.qkv.weight
+        qkv[:hd], qkv[d:d + hd] = q * math.sqrt(gain), k * math.sqrt(gain)
+
+
 def build_model(cfg: TrainConfig):
     """-> (MusicGen pipeline with a STAGE LM, base string to record in checkpoints). The new LM is
     set up as the original's (REFERENCE.md 8.7) unless the config says otherwise: special row zeroed
@@ -165,7 +200,10 @@ def build_model(cfg: TrainConfig):
         lm_cfg = LMConfig.preset("tiny", text_dim=text_encoder.dim, n_special=2, card=codec.card,
                                  n_codebooks=codec.n_codebooks, **overrides)
         lm = MusicGenLM(lm_cfg)
-        init_weights(lm)
+        if cfg.align_init:
+            init_aligned(lm, offset=context_frames(cfg.data_cfg, codec.frame_rate) + 1)  # + the separator
+        else:
+            init_weights(lm)
         model, state = MusicGen(lm, text_encoder, codec).eval(), lm.state_dict()
     lm_cfg = replace(lm_cfg, zero_special_row=cfg.zero_special_row, attend_start_step=cfg.attend_start_step)
     state = dict(state)
@@ -182,6 +220,12 @@ def build_model(cfg: TrainConfig):
     lm.load_state_dict(state)
     model.lm = lm
     return model.eval(), base
+
+
+def context_frames(data_cfg: DataConfig, frame_rate: float) -> int:
+    """The context length in frames when it is fixed (--context-min = --context-max), as StemWindows draws it."""
+    n_target = int(round(data_cfg.target_seconds * frame_rate))
+    return min(n_target, max(1, int(data_cfg.context_min * frame_rate)))
 
 
 def validation_windows(val_songs: list, val_data: list, cfg: TrainConfig, codec, stats=None) -> list:

@@ -161,6 +161,8 @@ def test_cli_errors_are_one_line(setup, tmp_path, capsys):
         (["--clip-mode", "max"], "invalid choice"),
         (["--precision", "fp8"], "invalid choice"),
         (["--p-full-context", "2"], "p-full-context"),
+        (["--align-init", "--context-min", "0.1", "--context-max", "0.2"], "--align-init needs"),
+        (["--p-copy-context", "-0.5"], "p-copy-context"),
         (["--max-steps", "x"], "invalid int"),
         (["--base", str(tmp_path / "nobase")], "not found"),
     ]
@@ -325,3 +327,32 @@ def test_loss_from_target_logits_only_equals_the_full_loss():
     (g_full,) = torch.autograd.grad(full, lm.layers[0].ffn_in.weight)
     assert abs(fast.item() - full.item()) < 1e-6 and full.item() > 1
     torch.testing.assert_close(g_fast, g_full)
+
+
+def test_aligned_init_attends_from_target_frame_t_to_context_frame_t():
+    """init_aligned's head: at init, each step puts most of its attention on the steps around `offset`
+    back (by position alone, whatever the codes), so target frame t starts out reading context frame t."""
+    import math
+
+    from einops import rearrange
+
+    from stage_min.model import LMConfig, MusicGenLM, sinusoidal_positions
+
+    torch.manual_seed(0)
+    lm = MusicGenLM(LMConfig(dim=128, n_layers=2, n_heads=4, card=256, n_special=2, text_dim=32))
+    S, offset = 300, 101
+    codes = torch.randint(0, 256, (2, 4, S))
+    rows = torch.arange(offset, S)
+
+    def head0_weight(lags):  # mean attention weight of head 0, layer 0 on the steps `offset + lag` back
+        x = sum(e(codes[:, k]) for k, e in enumerate(lm.embed)) + sinusoidal_positions(torch.arange(S), 128)
+        q, k, _ = rearrange(lm.layers[0].self_attn.qkv(lm.layers[0].norm_self(x)), "b s (three h d) -> three b h s d",
+                            three=3, h=4)
+        scores = (q[:, 0] @ k[:, 0].transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        weights = scores.masked_fill(~torch.ones(S, S, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+        return float(sum(weights[:, rows, rows - offset - lag] for lag in lags).mean())
+
+    assert head0_weight([0]) < 0.02 and head0_weight(range(-2, 3)) < 0.05  # PyTorch's init: spread over ~200 steps
+    T.init_aligned(lm, offset)
+    assert head0_weight([0]) > 0.2 and head0_weight(range(-2, 3)) > 0.6
+    assert abs(float(lm.embed[0].weight.std()) - 0.3) < 0.01
