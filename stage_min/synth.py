@@ -95,7 +95,7 @@ class Style:
 
 
 TOY = Style(bpm=(70.0, 180.0), meters=(3, 4, 5), kits=tuple(KITS), kick_on_beats=True, p_kick=0.2, offbeat_hats=0.0)
-TOY_TEMPO_CHANGES = replace(TOY, p_tempo_change=0.5)  # the toy's second training phase
+TOY_TEMPO_CHANGES = replace(TOY, p_tempo_change=0.5)  # songs where only the context says when the next beat falls
 
 
 def make_song(rng: np.random.Generator, seconds: float, sr: int = SAMPLE_RATE, style: Style = Style()) -> dict:

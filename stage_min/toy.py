@@ -4,14 +4,10 @@
 
 Steps, each kept in the work folder so that a stopped run picks up where it was:
 1. songs: synthetic songs in `synth.TOY` style (70-180 BPM, 3/4, 4/4 and 5/4, three fixed kits named in
-   the caption) -> WORK/songs, and songs whose tempo changes between bars -> WORK/songs2;
+   the caption) -> WORK/songs;
 2. codec: a small EnCodec-architecture codec trained on such audio (`codec_train`) -> WORK/codec;
 3. base: a tiny random T5 and sentencepiece model with that codec, in transformers' layout -> WORK/base;
-4. lm: `train.py --preset tiny` with the toy's options (TRAIN_OPTIONS) -> WORK/lm, first on the steady
-   songs (it learns the kits and to keep a beat going), then, resumed, on the tempo-change songs: a steady
-   song's drums can keep time from their own past after the first beats, so the context lowers the loss
-   very little and the model hardly learns to read it; where the tempo changes, only the context says
-   when the next beat falls;
+4. lm: `train.py --preset tiny` with the toy's options (TRAIN_OPTIONS) -> WORK/lm;
 5. package: the run exported self-contained (native layout, fp16) -> OUT, with the geometry it was
    trained on recorded in config.json so that generation uses the same one.
 
@@ -82,7 +78,7 @@ def make_base(folder: Path, codec_folder: Path, seed: int):
 
 
 def train_lm(run: Path, songs: Path, base: Path, steps: int, seed: int):
-    """train.py up to `steps` (resuming the run in `run` if there is one, whatever songs it saw)."""
+    """train.py up to `steps` (resuming the run in `run` if there is one)."""
     cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(songs), "--out", str(run), "--base", str(base),
            "--max-steps", str(steps), "--seed", str(seed), *TRAIN_OPTIONS]
     from .training import latest_checkpoint
@@ -137,9 +133,7 @@ def main(argv=None):
     p.add_argument("--work", default="runs/toy", help="folder for the songs, codec, base and LM run")
     p.add_argument("--songs", type=int, default=1000, help="synthetic songs to train the LM on")
     p.add_argument("--song-seconds", type=float, default=6.0, help="length of each song")
-    p.add_argument("--songs2", type=int, default=600, help="songs with tempo changes for the second phase")
-    p.add_argument("--phase1-steps", type=int, default=664, help="LM steps on steady songs before the tempo-change songs")
-    p.add_argument("--steps", type=int, default=1360, help="LM optimizer steps in all")
+    p.add_argument("--steps", type=int, default=3000, help="LM optimizer steps")
     p.add_argument("--codec-steps", type=int, default=CodecTrainConfig.steps, help="codec autoencoder steps")
     p.add_argument("--codec-songs", type=int, default=CodecTrainConfig.songs, help="songs the codec is trained on")
     p.add_argument("--seed", type=int, default=0, help="seed of the songs, codec and LM runs")
@@ -152,11 +146,9 @@ def main(argv=None):
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     log("songs"), make_songs(work / "songs", a.songs, a.song_seconds, a.seed, synth.TOY)
-    make_songs(work / "songs2", a.songs2, a.song_seconds, a.seed + 1, synth.TOY_TEMPO_CHANGES)
     log("codec"), make_codec(work / "codec", codec_cfg)
     log("base"), make_base(work / "base", work / "codec", a.seed)
-    log("lm, phase 1: steady songs"), train_lm(work / "lm", work / "songs", work / "base", min(a.phase1_steps, a.steps), a.seed)
-    log("lm, phase 2: tempo changes"), train_lm(work / "lm", work / "songs2", work / "base", a.steps, a.seed)
+    log("lm"), train_lm(work / "lm", work / "songs", work / "base", a.steps, a.seed)
     log("package"), package(work / "lm", Path(a.out))
     if not a.no_eval:
         log("evaluate"), evaluate_model(Path(a.out), work / "songs", work / "eval", a.seed)

@@ -68,7 +68,7 @@ def test_toy_rebuild_command_runs_a_few_steps(tmp_path):
     from stage_min.pipeline import MusicGen
 
     out = tmp_path / "model"
-    toy.main([str(out), "--work", str(tmp_path / "work"), "--songs", "5", "--songs2", "5", "--phase1-steps", "1", "--song-seconds", "5", "--steps", "2", "--no-eval",
+    toy.main([str(out), "--work", str(tmp_path / "work"), "--songs", "5", "--song-seconds", "5", "--steps", "2", "--no-eval",
               "--codec-steps", "2", "--codec-songs", "1"])
     config = json.loads((out / "config.json").read_text())
     assert config["window_seconds"] == toy.WINDOW_SECONDS and config["trained_steps"] == 2
@@ -137,8 +137,31 @@ def test_main_command_runs_offline_on_the_toy(tmp_path):
     assert 0.005 < np.sqrt(np.mean(audio ** 2)) and np.abs(audio).max() <= 1.0  # drums, not silence
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="the shipped toy does not follow a click track yet (MODEL_CARD.md: beat F1 at chance)")
+@pytest.mark.skipif(not (TOY / "config.json").exists(), reason="weights/stage-toy is not built")
+def test_shipped_toy_plays_closer_to_the_click_than_without_it():
+    """What the shipped toy does measure (MODEL_CARD.md): 4 s stems at 133 BPM (a tempo the README does not
+    use), 6 fixed seeds x 3 rows, scored against the click's beats. Measured over seeds 0-7: a per-seed mean
+    F1 of 0.38-0.65 with the click (mean 0.52) and 0.27-0.49 with the context dropped (mean 0.36); the
+    bounds sit about two standard errors of a 6-seed mean below the measured values."""
+    from stage_min.evaluation import beat_scores
+    from stage_min.metronome import beat_times, metronome
+    from stage_min.pipeline import MusicGen
+
+    model = MusicGen.from_pretrained(str(TOY))
+    bpm, reference = 133.0, beat_times(133.0, 4.0)
+    click = torch.from_numpy(metronome(bpm, 4.0))
+    with_click, without = [], []
+    for seed in range(6):
+        audio, _ = model.accompany([click] * 3, [""] * 3, 200, seed=seed)
+        plain, _ = model.generate([""] * 3, 200, seed=seed)
+        with_click += [beat_scores(a[0].numpy(), 32000, reference)["f_measure"] for a in audio]
+        without += [beat_scores(a[0].numpy(), 32000, reference)["f_measure"] for a in plain]
+    assert np.mean(with_click) >= 0.45, np.mean(with_click)
+    assert np.mean(with_click) - np.mean(without) >= 0.1, (np.mean(with_click), np.mean(without))
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped toy follows a click track, but below this target "
+                   "(MODEL_CARD.md: tempo experiment F1 0.62 with the click, 0.32 without)")
 def test_shipped_toy_follows_a_click_track():
     """The target (issue 11): a 4 s click-track stem at a tempo not listed in the README scores beat
     F1 >= 0.7 on average over fixed seeds. strict: when a retrained toy passes, this must be updated."""
