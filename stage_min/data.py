@@ -391,6 +391,11 @@ class Example:
     aug: augment.Augmentation = augment.Augmentation()
 
 
+def context_frames(seconds: float, frame_rate: float, n_target: int) -> int:
+    """A context of `seconds` in whole frames (as the encoder takes them), at least one, at most the window."""
+    return min(n_target, max(1, int(seconds * frame_rate)))
+
+
 class StemWindows:
     """Draws random training windows. Every draw takes its own numpy Generator, so the training
     loop can derive it from (seed, step, sample index): runs are reproducible, resumable without
@@ -429,8 +434,7 @@ class StemWindows:
             return self.n_target
         if self.context_lengths is not None:
             return self.context_lengths[min(int(u * len(self.context_lengths)), len(self.context_lengths) - 1)]
-        seconds = cfg.context_min + u * (cfg.context_max - cfg.context_min)
-        return min(self.n_target, max(1, int(seconds * self.frame_rate)))  # whole frames, as the encoder takes them
+        return context_frames(cfg.context_min + u * (cfg.context_max - cfg.context_min), self.frame_rate, self.n_target)
 
     def draw(self, rng: np.random.Generator, max_tries: int = 50) -> Example:
         cfg = self.cfg

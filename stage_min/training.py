@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import delay
-from .data import DataConfig, Example, load_stem
+from .data import DataConfig, Example, context_frames, load_stem
 from .loading import (LATEST, LoadError, follow_latest, is_native, read_config, safe_torch_load, save_native,
                       with_default_mode, write_atomic)
 from .metronome import click_track
@@ -201,7 +201,10 @@ def build_model(cfg: TrainConfig):
                                  n_codebooks=codec.n_codebooks, **overrides)
         lm = MusicGenLM(lm_cfg)
         if cfg.align_init:
-            init_aligned(lm, offset=context_frames(cfg.data_cfg, codec.frame_rate) + 1)  # + the separator
+            # the context's one length (check() made sure), in frames as StemWindows draws it, + the separator
+            n_context = context_frames(cfg.data_cfg.context_min, codec.frame_rate,
+                                       int(round(cfg.data_cfg.target_seconds * codec.frame_rate)))
+            init_aligned(lm, offset=n_context + 1)
         else:
             init_weights(lm)
         model, state = MusicGen(lm, text_encoder, codec).eval(), lm.state_dict()
@@ -220,12 +223,6 @@ def build_model(cfg: TrainConfig):
     lm.load_state_dict(state)
     model.lm = lm
     return model.eval(), base
-
-
-def context_frames(data_cfg: DataConfig, frame_rate: float) -> int:
-    """The context length in frames when it is fixed (--context-min = --context-max), as StemWindows draws it."""
-    n_target = int(round(data_cfg.target_seconds * frame_rate))
-    return min(n_target, max(1, int(data_cfg.context_min * frame_rate)))
 
 
 def validation_windows(val_songs: list, val_data: list, cfg: TrainConfig, codec, stats=None) -> list:
