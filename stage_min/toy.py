@@ -1,6 +1,6 @@
 """The toy STAGE shipped in weights/stage-toy, rebuilt from nothing on a CPU:
 
-    python -m stage_min.toy weights/stage-toy [--work runs/toy] [--songs 1000] [--steps 3000]
+    python -m stage_min.toy weights/stage-toy [--work runs/toy] [--songs 1000] [--steps 3000] [--fresh-steps 1000]
 
 Steps, each kept in the work folder so that a stopped run picks up where it was:
 1. songs: synthetic songs in `synth.TOY` style (70-180 BPM, 3/4, 4/4 and 5/4, three fixed kits named in
@@ -8,6 +8,10 @@ Steps, each kept in the work folder so that a stopped run picks up where it was:
 2. codec: a small EnCodec-architecture codec trained on such audio (`codec_train`) -> WORK/codec;
 3. base: a tiny random T5 and sentencepiece model with that codec, in transformers' layout -> WORK/base;
 4. lm: `train.py --preset tiny` with the toy's options (TRAIN_OPTIONS) -> WORK/lm;
+4b. fresh songs: more songs of the same style, drawn with another seed -> WORK/fresh-songs, and the same
+   run continued on them (`train.py --resume --data WORK/fresh-songs`) for --fresh-steps more steps: on
+   1000 songs the LM starts to memorise (held-out loss flat after about 1800 steps), and songs it has
+   never heard make it follow the context more closely (MODEL_CARD.md measures both);
 5. package: the run exported self-contained (native layout, fp16) -> OUT, with the geometry it was
    trained on recorded in config.json so that generation uses the same one.
 
@@ -31,7 +35,9 @@ from .codec_train import CodecTrainConfig
 ROOT = Path(__file__).resolve().parents[1]
 WINDOW_SECONDS = 2.0  # context and target window: target frame t sits 101 steps after context frame t
 ACCOMPANY_SECONDS = 4.0  # the accompaniment evaluation's stems: two windows of each held-out 6 s song
-VAL_FRACTION = 0.02  # 20 of 1000 songs held out, for the accompaniment evaluation
+VAL_FRACTION = 0.02  # 20 of 1000 songs held out, for the accompaniment evaluation (and 60 of the fresh ones)
+FRESH_STEPS = 1000  # steps of the fresh-songs phase (the shipped toy's)
+TEMPO_SEEDS = 6  # the tempo experiment's seeds: two 3-seed means of one model differed by 0.13 (MODEL_CARD.md)
 TRAIN_OPTIONS = [  # train.py options of the toy LM (beside --data/--out/--base/--max-steps)
     "--target", "drums", "--preset", "tiny", "--dim", "128", "--layers", "4", "--heads", "4",
     "--target-seconds", str(WINDOW_SECONDS), "--context-min", str(WINDOW_SECONDS), "--context-max", str(WINDOW_SECONDS),
@@ -78,7 +84,8 @@ def make_base(folder: Path, codec_folder: Path, seed: int):
 
 
 def train_lm(run: Path, songs: Path, base: Path, steps: int, seed: int):
-    """train.py up to `steps` (resuming the run in `run` if there is one)."""
+    """train.py on `songs` up to `steps` in all (resuming the run in `run` if there is one, whatever songs
+    it was trained on before: the fresh-songs phase continues the first phase's run)."""
     cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(songs), "--out", str(run), "--base", str(base),
            "--max-steps", str(steps), "--seed", str(seed), *TRAIN_OPTIONS]
     from .training import latest_checkpoint
@@ -104,13 +111,13 @@ def package(run: Path, out: Path):
 
 
 def evaluate_model(model_dir: Path, songs: Path, out: Path, seed: int) -> dict:
-    """The tempo experiment (click tracks at 80-170 BPM, 3 seeds, 8 s) and accompaniment of held-out
+    """The tempo experiment (click tracks at 80-170 BPM, TEMPO_SEEDS seeds, 8 s) and accompaniment of held-out
     songs (bass + chords as the context, 4 s), each beside its context-dropped baseline (evaluate.py's)."""
     from . import evaluation as E
     from .pipeline import MusicGen
 
     model = MusicGen.from_pretrained(str(model_dir))
-    tempo = E.tempo_experiment(model, list(range(80, 171, 10)), 3, 8.0, "", out / "tempo")
+    tempo = E.tempo_experiment(model, list(range(80, 171, 10)), TEMPO_SEEDS, 8.0, "", out / "tempo")
     E.write_results(tempo, out / "tempo")
     E.write_report(tempo, out / "tempo")
     # the songs are 6 s long: 4 s of each held-out song
@@ -133,12 +140,25 @@ def main(argv=None):
     p.add_argument("--work", default="runs/toy", help="folder for the songs, codec, base and LM run")
     p.add_argument("--songs", type=int, default=1000, help="synthetic songs to train the LM on")
     p.add_argument("--song-seconds", type=float, default=6.0, help="length of each song")
-    p.add_argument("--steps", type=int, default=3000, help="LM optimizer steps")
+    p.add_argument("--steps", type=int, default=3000, help="LM optimizer steps on the first songs")
+    p.add_argument("--fresh-songs", type=int, default=3000, help="songs of the fresh-songs phase (seed + 1)")
+    p.add_argument("--fresh-steps", type=int, default=FRESH_STEPS, help="LM steps on the fresh songs after --steps (0: no such phase)")
     p.add_argument("--codec-steps", type=int, default=CodecTrainConfig.steps, help="codec autoencoder steps")
     p.add_argument("--codec-songs", type=int, default=CodecTrainConfig.songs, help="songs the codec is trained on")
     p.add_argument("--seed", type=int, default=0, help="seed of the songs, codec and LM runs")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation (results in WORK/eval)")
     a = p.parse_args(argv)
+    for name, low in (("songs", 1), ("steps", 1), ("fresh_songs", 1), ("fresh_steps", 0), ("codec_steps", 1), ("codec_songs", 1)):
+        if getattr(a, name) < low:
+            p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(a, name)}")
+    if not 0 < a.song_seconds <= synth.MAX_SECONDS:  # NaN fails too
+        p.error(f"--song-seconds must be > 0 and at most {synth.MAX_SECONDS:g}, got {a.song_seconds:g}")
+    from .formats import LoadError, check_new_folder
+
+    try:  # found now, not after an hour of training
+        check_new_folder(a.out)
+    except LoadError as e:
+        p.error(str(e))
     codec_cfg = CodecTrainConfig(steps=a.codec_steps, songs=a.codec_songs, seed=a.seed,
                                  finetune_steps=max(1, a.codec_steps * CodecTrainConfig.finetune_steps // CodecTrainConfig.steps),
                                  kmeans_frames=min(CodecTrainConfig.kmeans_frames, a.codec_songs * 2000))
@@ -149,6 +169,9 @@ def main(argv=None):
     log("codec"), make_codec(work / "codec", codec_cfg)
     log("base"), make_base(work / "base", work / "codec", a.seed)
     log("lm"), train_lm(work / "lm", work / "songs", work / "base", a.steps, a.seed)
+    if a.fresh_steps > 0:
+        log("fresh songs"), make_songs(work / "fresh-songs", a.fresh_songs, a.song_seconds, a.seed + 1, synth.TOY)
+        log("lm on fresh songs"), train_lm(work / "lm", work / "fresh-songs", work / "base", a.steps + a.fresh_steps, a.seed)
     log("package"), package(work / "lm", Path(a.out))
     if not a.no_eval:
         log("evaluate"), evaluate_model(Path(a.out), work / "songs", work / "eval", a.seed)
