@@ -21,7 +21,9 @@ defaults (10 s windows, 5 s overlap, guidance 3, top-k 250); timed: the whole ca
 the style weights/stage-toy learnt; bass + chords as the context): beat F1 (mir_eval, 70 ms) of the
 drums made for the whole 60 s, window by window, against the F1 of drums made for the first 10 s alone,
 and of each 10 s of the whole song's drums (a late stretch that follows less shows drift). Windowing
-should cost at most 0.05 of F1. f1_reference: the songs' own drums scored the same way (the ceiling).
+should cost at most 0.05 of F1: within_0.05 compares the whole with the first 10 s (the tracker also
+finds a tempo more surely in 60 s than in 10 s), later_10s_not_below_first_by_0.05 compares like with
+like. f1_reference: the songs' own drums scored the same way (the ceiling).
 """
 import json
 import resource
@@ -178,7 +180,11 @@ def bench_song_f1(args, device, dtype):
                       "f1_whole": round(float(np.mean(whole)), 3), "f1_first_10s": round(float(np.mean(first)), 3),
                       "f1_per_10s_of_whole": [round(float(x), 3) for x in np.mean(segments, axis=0)],
                       "f1_reference": round(float(np.mean(reference)), 3),
-                      "within_0.05": bool(abs(np.mean(whole) - np.mean(first)) <= 0.05)}), flush=True)
+                      "within_0.05": bool(abs(np.mean(whole) - np.mean(first)) <= 0.05),
+                      # a tracker hears a tempo better in 60 s than in 10 s, so f1_whole is not like for like:
+                      # the later 10 s stretches of the same stem, tracked alone, against the first
+                      "later_10s_not_below_first_by_0.05": bool(np.mean(np.array(segments)[:, 1:]) >= np.mean(first) - 0.05)}),
+          flush=True)
 
 
 def stage_pair(preset: LMConfig, device, dtype):

@@ -40,3 +40,4 @@ def test_song_f1_mode_scores_the_toy_per_10_s_and_the_real_drums_as_a_ceiling():
     assert all(0 <= f <= 1 for f in [out["f1_whole"], out["f1_first_10s"], *out["f1_per_10s_of_whole"]])
     # the song's own drum stem, through the same tracking and scoring, finds the song's beats
     assert out["f1_reference"] >= 0.9
+    assert isinstance(out["later_10s_not_below_first_by_0.05"], bool)
