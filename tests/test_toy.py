@@ -147,7 +147,7 @@ def test_shipped_toy_plays_closer_to_the_click_than_without_it():
     use), 6 fixed seeds x 3 rows, scored against the click's beats. Measured over seeds 0-7: a per-seed mean
     F1 of 0.40-0.74 with the click (mean 0.55) and 0.11-0.69 with the context dropped (mean 0.40); the
     gap per seed is -0.04-0.35. The bounds sit below the 6-seed values (0.54 and a gap of 0.17) by about
-    two standard errors of a 6-seed mean (with the click) and one (the gap)."""
+    three standard errors of a 6-seed mean (with the click) and one (the gap)."""
     from stage_min.evaluation import beat_scores
     from stage_min.metronome import beat_times, metronome
     from stage_min.pipeline import MusicGen
