@@ -188,18 +188,18 @@ def test_shipped_toy_follows_a_click_track():
     (["--song-seconds", "nan"], "--song-seconds must be > 0"),
     (["--out-exists"], "already exists"),
 ])
-def test_toy_rebuild_refuses_bad_options_before_any_work(tmp_path, args, message):
-    import subprocess
-    import sys
+def test_toy_rebuild_refuses_bad_options_before_any_work(tmp_path, capsys, args, message):
+    from stage_min import toy
 
     out = tmp_path / "model"
     if args == ["--out-exists"]:
         out.mkdir()
         (out / "config.json").write_text("{}")
         args = []
-    r = subprocess.run([sys.executable, "-m", "stage_min.toy", str(out), "--work", str(tmp_path / "work"), *args],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(SystemExit) as exit_:
+        toy.main([str(out), "--work", str(tmp_path / "work"), *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "work").exists()  # nothing written
     if out.exists():
         assert (out / "config.json").read_text() == "{}"
