@@ -1,6 +1,7 @@
 """The toy STAGE shipped in weights/stage-toy, rebuilt from nothing on a CPU:
 
     python -m stage_min.toy weights/stage-toy [--work runs/toy] [--songs 1000] [--steps 3000] [--fresh-steps 1000]
+                                              [--cooldown-steps 500] [--cooldown-lr 3e-4]
 
 Steps, each kept in the work folder so that a stopped run picks up where it was:
 1. songs: synthetic songs in `synth.TOY` style (70-180 BPM, 3/4, 4/4 and 5/4, three fixed kits named in
@@ -12,6 +13,9 @@ Steps, each kept in the work folder so that a stopped run picks up where it was:
    run continued on them (`train.py --resume --data WORK/fresh-songs`) for --fresh-steps more steps: on
    1000 songs the LM starts to memorise (held-out loss flat after about 1800 steps), and songs it has
    never heard make it follow the context more closely (MODEL_CARD.md measures both);
+4c. cooldown: the same run continued on the same songs for --cooldown-steps more at the lower --cooldown-lr:
+   at a constant lr 1e-3 the click-following swings by 0.1-0.2 F1 between checkpoints 500 steps apart, and
+   a lower lr at the end settles it (MODEL_CARD.md);
 5. package: the run exported self-contained (native layout, fp16) -> OUT, with the geometry it was
    trained on recorded in config.json so that generation uses the same one.
 
@@ -37,6 +41,7 @@ WINDOW_SECONDS = 2.0  # context and target window: target frame t sits 101 steps
 ACCOMPANY_SECONDS = 4.0  # the accompaniment evaluation's stems: two windows of each held-out 6 s song
 VAL_FRACTION = 0.02  # 20 of 1000 songs held out, for the accompaniment evaluation (and 60 of the fresh ones)
 FRESH_STEPS = 1000  # steps of the fresh-songs phase (the shipped toy's)
+COOLDOWN_STEPS, COOLDOWN_LR = 500, 3e-4  # the last phase: a lower lr on the same songs (the shipped toy's)
 TEMPO_SEEDS = 6  # the tempo experiment's seeds: two 3-seed means of one model differed by 0.13 (MODEL_CARD.md)
 TRAIN_OPTIONS = [  # train.py options of the toy LM (beside --data/--out/--base/--max-steps)
     "--target", "drums", "--preset", "tiny", "--dim", "128", "--layers", "4", "--heads", "4",
@@ -83,11 +88,20 @@ def make_base(folder: Path, codec_folder: Path, seed: int):
     tiny.build(folder, seed=seed, codec=codec)
 
 
-def train_lm(run: Path, songs: Path, base: Path, steps: int, seed: int):
+def train_options(lr: float | None = None) -> list[str]:
+    """TRAIN_OPTIONS, with another learning rate where one is given (the cooldown's)."""
+    options = list(TRAIN_OPTIONS)
+    if lr is not None:
+        options[options.index("--lr") + 1] = f"{lr:g}"
+    return options
+
+
+def train_lm(run: Path, songs: Path, base: Path, steps: int, seed: int, lr: float | None = None):
     """train.py on `songs` up to `steps` in all (resuming the run in `run` if there is one, whatever songs
-    it was trained on before: the fresh-songs phase continues the first phase's run)."""
+    it was trained on before: the fresh-songs phase continues the first phase's run, the cooldown the
+    fresh-songs phase's, at `lr`; a resumed run takes the lr given now)."""
     cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(songs), "--out", str(run), "--base", str(base),
-           "--max-steps", str(steps), "--seed", str(seed), *TRAIN_OPTIONS]
+           "--max-steps", str(steps), "--seed", str(seed), *train_options(lr)]
     from .training import latest_checkpoint
 
     done = latest_checkpoint(run)
@@ -143,14 +157,19 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3000, help="LM optimizer steps on the first songs")
     p.add_argument("--fresh-songs", type=int, default=3000, help="songs of the fresh-songs phase (seed + 1)")
     p.add_argument("--fresh-steps", type=int, default=FRESH_STEPS, help="LM steps on the fresh songs after --steps (0: no such phase)")
+    p.add_argument("--cooldown-steps", type=int, default=COOLDOWN_STEPS, help="LM steps at --cooldown-lr after the "
+                   "others, on the last phase's songs (0: no cooldown)")
+    p.add_argument("--cooldown-lr", type=float, default=COOLDOWN_LR, help="learning rate of the cooldown (the others: 1e-3)")
     p.add_argument("--codec-steps", type=int, default=CodecTrainConfig.steps, help="codec autoencoder steps")
     p.add_argument("--codec-songs", type=int, default=CodecTrainConfig.songs, help="songs the codec is trained on")
     p.add_argument("--seed", type=int, default=0, help="seed of the songs, codec and LM runs")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation (results in WORK/eval)")
     a = p.parse_args(argv)
-    for name, low in (("songs", 1), ("steps", 1), ("fresh_songs", 1), ("fresh_steps", 0), ("codec_steps", 1), ("codec_songs", 1)):
+    for name, low in (("songs", 1), ("steps", 1), ("fresh_songs", 1), ("fresh_steps", 0), ("cooldown_steps", 0), ("codec_steps", 1), ("codec_songs", 1)):
         if getattr(a, name) < low:
             p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(a, name)}")
+    if not 0 < a.cooldown_lr < 1:  # NaN fails too
+        p.error(f"--cooldown-lr must be > 0 and < 1, got {a.cooldown_lr:g}")
     if not 0 < a.song_seconds <= synth.MAX_SECONDS:  # NaN fails too
         p.error(f"--song-seconds must be > 0 and at most {synth.MAX_SECONDS:g}, got {a.song_seconds:g}")
     from .formats import LoadError, check_new_folder
@@ -169,9 +188,14 @@ def main(argv=None):
     log("codec"), make_codec(work / "codec", codec_cfg)
     log("base"), make_base(work / "base", work / "codec", a.seed)
     log("lm"), train_lm(work / "lm", work / "songs", work / "base", a.steps, a.seed)
+    last_songs = work / "songs"
     if a.fresh_steps > 0:
-        log("fresh songs"), make_songs(work / "fresh-songs", a.fresh_songs, a.song_seconds, a.seed + 1, synth.TOY)
-        log("lm on fresh songs"), train_lm(work / "lm", work / "fresh-songs", work / "base", a.steps + a.fresh_steps, a.seed)
+        last_songs = work / "fresh-songs"
+        log("fresh songs"), make_songs(last_songs, a.fresh_songs, a.song_seconds, a.seed + 1, synth.TOY)
+        log("lm on fresh songs"), train_lm(work / "lm", last_songs, work / "base", a.steps + a.fresh_steps, a.seed)
+    if a.cooldown_steps > 0:
+        log(f"lm cooldown at lr {a.cooldown_lr:g}"), train_lm(work / "lm", last_songs, work / "base",
+                                                              a.steps + a.fresh_steps + a.cooldown_steps, a.seed, lr=a.cooldown_lr)
     log("package"), package(work / "lm", Path(a.out))
     if not a.no_eval:
         log("evaluate"), evaluate_model(Path(a.out), work / "songs", work / "eval", a.seed)

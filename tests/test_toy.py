@@ -69,9 +69,14 @@ def test_toy_rebuild_command_runs_a_few_steps(tmp_path):
 
     out = tmp_path / "model"
     toy.main([str(out), "--work", str(tmp_path / "work"), "--songs", "5", "--song-seconds", "5", "--steps", "2", "--no-eval",
-              "--codec-steps", "2", "--codec-songs", "1", "--fresh-songs", "4", "--fresh-steps", "1"])
+              "--codec-steps", "2", "--codec-songs", "1", "--fresh-songs", "4", "--fresh-steps", "1",
+              "--cooldown-steps", "1", "--cooldown-lr", "5e-4"])
     config = json.loads((out / "config.json").read_text())
-    assert config["window_seconds"] == toy.WINDOW_SECONDS and config["trained_steps"] == 3  # 2 steps, then 1 on fresh songs
+    # 2 steps, then 1 on fresh songs, then 1 of cooldown
+    assert config["window_seconds"] == toy.WINDOW_SECONDS and config["trained_steps"] == 4
+    metrics = [json.loads(line) for line in (tmp_path / "work" / "lm" / "metrics.jsonl").read_text().splitlines()]
+    lrs = {m["step"]: m["lr"] for m in metrics if "lr" in m}
+    assert lrs[3] == 1e-3 and lrs[4] == 5e-4  # the cooldown step ran at its own lr
     fresh = sorted(p.name for p in (tmp_path / "work" / "fresh-songs").glob("song_*"))
     assert len(fresh) == 4  # drawn with seed + 1: not the first phase's songs
     first = tmp_path / "work" / "songs"
@@ -185,6 +190,9 @@ def test_shipped_toy_follows_a_click_track():
 @pytest.mark.parametrize("args, message", [
     (["--fresh-steps", "-1"], "--fresh-steps must be >= 0"),
     (["--steps", "0"], "--steps must be >= 1"),
+    (["--cooldown-steps", "-1"], "--cooldown-steps must be >= 0"),
+    (["--cooldown-lr", "nan"], "--cooldown-lr must be > 0"),
+    (["--cooldown-lr", "0"], "--cooldown-lr must be > 0"),
     (["--song-seconds", "nan"], "--song-seconds must be > 0"),
     (["--out-exists"], "already exists"),
 ])
