@@ -35,6 +35,9 @@ HELP = {
     "save_every": "steps between checkpoints", "log_every": "steps between metrics.jsonl lines", "seed": "seed of every draw",
     "dim": "tiny preset: model width (0 = preset)", "layers": "tiny preset: layers (0 = preset)", "heads": "tiny preset: heads (0 = preset)",
     "lr": "AdamW learning rate, constant (the original's); a from-scratch toy wants ~1e-3",
+    "cooldown_steps": "the last N of --max-steps run at --cooldown-lr (a constant lr swings a small model's "
+                      "behaviour from checkpoint to checkpoint; a lower one at the end settles it, stage_min.toy)",
+    "cooldown_lr": "learning rate of the cooldown steps",
     "beta1": "AdamW beta1", "beta2": "AdamW beta2", "weight_decay": "AdamW weight decay (on every parameter, see --no-decay-1d)",
     "clip": "gradient clipping threshold (per value, or global norm with --clip-mode norm)",
     "p_text_drop": "whole prompt dropped (null text), as the original", "p_context_drop": "whole context dropped",
@@ -65,9 +68,9 @@ def parse_args(argv=None) -> tuple[T.TrainConfig, bool]:
     p.add_argument("--base", default=c.base, help="model folder or hub id for T5, EnCodec (and the LM for small)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_windows", "save_every", "log_every", "seed",
-                 "dim", "layers", "heads"):
+                 "dim", "layers", "heads", "cooldown_steps"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(c, name), help=HELP[name])
-    for name in ("lr", "beta1", "beta2", "weight_decay", "clip", "p_text_drop", "p_context_drop", "p_word_drop"):
+    for name in ("lr", "cooldown_lr", "beta1", "beta2", "weight_decay", "clip", "p_text_drop", "p_context_drop", "p_word_drop"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(c, name), help=HELP[name])
     for name in ("target_seconds", "p_full_context", "context_min", "context_max", "context_step", "p_metronome", "p_copy_context",
                  "silence", "val_fraction", "p_speed", "speed_min", "speed_max", "p_pitch"):
@@ -268,6 +271,8 @@ def train(cfg: T.TrainConfig, resume: bool):
                 raise T.Diverged(f"step {step + 1}: the loss ({loss_sum:g}) or the gradient norm ({float(grad_norm):g}) "
                                  f"is not finite; stopped without saving: the last checkpoint in {out} is kept "
                                  "(try a lower --lr)")  # same on every rank: all stop
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr_at(step)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -275,7 +280,7 @@ def train(cfg: T.TrainConfig, resume: bool):
             if master and (step % cfg.log_every == 0 or step == cfg.max_steps):
                 fps = frames * world / (time.time() - t0)
                 bar.set_postfix(loss=f"{loss_sum:.3f}", frames_s=f"{fps:.0f}")
-                T.log_metrics(out, {"step": step, "loss": loss_sum, "lr": cfg.lr, "target_frames_per_s": fps})
+                T.log_metrics(out, {"step": step, "loss": loss_sum, "lr": cfg.lr_at(step - 1), "target_frames_per_s": fps})
                 t0, frames = time.time(), 0
             if master and eval_batches and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 metrics = T.evaluate(lm, eval_batches, autocast, cfg.valid_steps_only)

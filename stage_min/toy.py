@@ -13,9 +13,10 @@ Steps, each kept in the work folder so that a stopped run picks up where it was:
    run continued on them (`train.py --resume --data WORK/fresh-songs`) for --fresh-steps more steps: on
    1000 songs the LM starts to memorise (held-out loss flat after about 1800 steps), and songs it has
    never heard make it follow the context more closely (MODEL_CARD.md measures both);
-4c. cooldown: the same run continued on the same songs for --cooldown-steps more at the lower --cooldown-lr:
-   at a constant lr 1e-3 the click-following swings by 0.1-0.2 F1 between checkpoints 500 steps apart, and
-   a lower lr at the end settles it (MODEL_CARD.md);
+4c. cooldown: the last phase's run goes on for --cooldown-steps more at the lower --cooldown-lr (train.py's
+   --cooldown-steps, in the same process so that its code cache is not filled twice): at a constant lr 1e-3
+   the click-following swings by 0.1-0.2 F1 between checkpoints 500 steps apart, and a lower lr at the end
+   settles it (MODEL_CARD.md);
 5. package: the run exported self-contained (native layout, fp16) -> OUT, with the geometry it was
    trained on recorded in config.json so that generation uses the same one.
 
@@ -88,20 +89,14 @@ def make_base(folder: Path, codec_folder: Path, seed: int):
     tiny.build(folder, seed=seed, codec=codec)
 
 
-def train_options(lr: float | None = None) -> list[str]:
-    """TRAIN_OPTIONS, with another learning rate where one is given (the cooldown's)."""
-    options = list(TRAIN_OPTIONS)
-    if lr is not None:
-        options[options.index("--lr") + 1] = f"{lr:g}"
-    return options
-
-
-def train_lm(run: Path, songs: Path, base: Path, steps: int, seed: int, lr: float | None = None):
+def train_lm(run: Path, songs: Path, base: Path, steps: int, seed: int, cooldown: tuple[int, float] = (0, 0.0)):
     """train.py on `songs` up to `steps` in all (resuming the run in `run` if there is one, whatever songs
-    it was trained on before: the fresh-songs phase continues the first phase's run, the cooldown the
-    fresh-songs phase's, at `lr`; a resumed run takes the lr given now)."""
+    it was trained on before: the fresh-songs phase continues the first phase's run); the last
+    `cooldown[0]` of those steps at lr `cooldown[1]`."""
     cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(songs), "--out", str(run), "--base", str(base),
-           "--max-steps", str(steps), "--seed", str(seed), *train_options(lr)]
+           "--max-steps", str(steps), "--seed", str(seed), *TRAIN_OPTIONS]
+    if cooldown[0]:
+        cmd += ["--cooldown-steps", str(cooldown[0]), "--cooldown-lr", f"{cooldown[1]:g}"]
     from .training import latest_checkpoint
 
     done = latest_checkpoint(run)
@@ -158,7 +153,7 @@ def main(argv=None):
     p.add_argument("--fresh-songs", type=int, default=3000, help="songs of the fresh-songs phase (seed + 1)")
     p.add_argument("--fresh-steps", type=int, default=FRESH_STEPS, help="LM steps on the fresh songs after --steps (0: no such phase)")
     p.add_argument("--cooldown-steps", type=int, default=COOLDOWN_STEPS, help="LM steps at --cooldown-lr after the "
-                   "others, on the last phase's songs (0: no cooldown)")
+                   "others, on the last phase's songs, in its train.py run (0: no cooldown)")
     p.add_argument("--cooldown-lr", type=float, default=COOLDOWN_LR, help="learning rate of the cooldown (the others: 1e-3)")
     p.add_argument("--codec-steps", type=int, default=CodecTrainConfig.steps, help="codec autoencoder steps")
     p.add_argument("--codec-songs", type=int, default=CodecTrainConfig.songs, help="songs the codec is trained on")
@@ -187,15 +182,14 @@ def main(argv=None):
     log("songs"), make_songs(work / "songs", a.songs, a.song_seconds, a.seed, synth.TOY)
     log("codec"), make_codec(work / "codec", codec_cfg)
     log("base"), make_base(work / "base", work / "codec", a.seed)
-    log("lm"), train_lm(work / "lm", work / "songs", work / "base", a.steps, a.seed)
-    last_songs = work / "songs"
-    if a.fresh_steps > 0:
-        last_songs = work / "fresh-songs"
-        log("fresh songs"), make_songs(last_songs, a.fresh_songs, a.song_seconds, a.seed + 1, synth.TOY)
-        log("lm on fresh songs"), train_lm(work / "lm", last_songs, work / "base", a.steps + a.fresh_steps, a.seed)
-    if a.cooldown_steps > 0:
-        log(f"lm cooldown at lr {a.cooldown_lr:g}"), train_lm(work / "lm", last_songs, work / "base",
-                                                              a.steps + a.fresh_steps + a.cooldown_steps, a.seed, lr=a.cooldown_lr)
+    cooldown = (a.cooldown_steps, a.cooldown_lr)  # the end of the last phase
+    if a.fresh_steps == 0:
+        log("lm"), train_lm(work / "lm", work / "songs", work / "base", a.steps + a.cooldown_steps, a.seed, cooldown)
+    else:
+        log("lm"), train_lm(work / "lm", work / "songs", work / "base", a.steps, a.seed)
+        log("fresh songs"), make_songs(work / "fresh-songs", a.fresh_songs, a.song_seconds, a.seed + 1, synth.TOY)
+        log("lm on fresh songs, then the cooldown"), train_lm(work / "lm", work / "fresh-songs", work / "base",
+                                                              a.steps + a.fresh_steps + a.cooldown_steps, a.seed, cooldown)
     log("package"), package(work / "lm", Path(a.out))
     if not a.no_eval:
         log("evaluate"), evaluate_model(Path(a.out), work / "songs", work / "eval", a.seed)

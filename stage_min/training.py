@@ -48,6 +48,8 @@ class TrainConfig:
     batch_size: int = 8  # global: split over processes, times grad_accum micro-steps each
     grad_accum: int = 1
     lr: float = 1e-5  # STAGE: AdamW, constant lr, betas (0.9, 0.95), weight decay 1e-3
+    cooldown_steps: int = 0  # the last N steps of max_steps run at cooldown_lr (0: the lr stays constant)
+    cooldown_lr: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.95
     weight_decay: float = 1e-3
@@ -87,6 +89,10 @@ class TrainConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name):g}")
         if not self.lr > 0:
             raise UsageError(f"--lr must be > 0, got {self.lr:g}")
+        if not 0 <= self.cooldown_steps <= self.max_steps:
+            raise UsageError(f"--cooldown-steps must be in [0, --max-steps = {self.max_steps}], got {self.cooldown_steps}")
+        if self.cooldown_steps and not (math.isfinite(self.cooldown_lr) and self.cooldown_lr > 0):
+            raise UsageError(f"--cooldown-steps needs --cooldown-lr > 0, got {self.cooldown_lr:g}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise UsageError("--beta1 and --beta2 must be in [0, 1)")
         if self.weight_decay < 0:
@@ -119,6 +125,11 @@ class TrainConfig:
             self.data_cfg.check()
         except ValueError as e:
             raise UsageError(str(e)) from None
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step `step` (0-based): --lr, then --cooldown-lr for the last
+        --cooldown-steps steps."""
+        return self.cooldown_lr if step >= self.max_steps - self.cooldown_steps else self.lr
 
     def identity(self) -> dict:
         """What a resumed run must share with the checkpoint it continues."""

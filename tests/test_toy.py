@@ -76,7 +76,7 @@ def test_toy_rebuild_command_runs_a_few_steps(tmp_path):
     assert config["window_seconds"] == toy.WINDOW_SECONDS and config["trained_steps"] == 4
     metrics = [json.loads(line) for line in (tmp_path / "work" / "lm" / "metrics.jsonl").read_text().splitlines()]
     lrs = {m["step"]: m["lr"] for m in metrics if "lr" in m}
-    assert lrs[3] == 1e-3 and lrs[4] == 5e-4  # the cooldown step ran at its own lr
+    assert lrs[2] == 1e-3 and lrs[4] == 5e-4  # the cooldown step (the fresh phase's last) ran at its own lr
     fresh = sorted(p.name for p in (tmp_path / "work" / "fresh-songs").glob("song_*"))
     assert len(fresh) == 4  # drawn with seed + 1: not the first phase's songs
     first = tmp_path / "work" / "songs"

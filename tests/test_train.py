@@ -49,6 +49,19 @@ def lm_weights(run):
     return load_file(str(checkpoint(run) / "model.safetensors"))
 
 
+def test_cooldown_steps_run_at_the_cooldown_lr(setup, tmp_path):
+    """--cooldown-steps 2 of 4: steps 3 and 4 at --cooldown-lr, in the optimizer and in metrics.jsonl."""
+    cfg = T.TrainConfig(max_steps=4, lr=1e-3, cooldown_steps=2, cooldown_lr=2e-4)
+    assert [cfg.lr_at(step) for step in range(4)] == [1e-3, 1e-3, 2e-4, 2e-4]
+    assert T.TrainConfig(max_steps=4, lr=1e-3).lr_at(3) == 1e-3  # none by default: the original's constant lr
+    run = tmp_path / "run"
+    train.main(args(setup, run, "--log-every", "1", "--cooldown-steps", "2", "--cooldown-lr", "2e-4", steps=4))
+    records = [json.loads(line) for line in (run / T.METRICS_FILE).read_text().splitlines()]
+    assert [r["lr"] for r in records if "lr" in r] == [1e-3, 1e-3, 2e-4, 2e-4]
+    state = torch.load(checkpoint(run) / T.STATE_FILE, weights_only=True)
+    assert all(g["lr"] == 2e-4 for g in state["optimizer"]["param_groups"])
+
+
 def test_checkpoint_loads_and_resume_matches_uninterrupted(setup, tmp_path, monkeypatch):
     full = tmp_path / "full"
     train.main(args(setup, full, steps=5))
@@ -164,6 +177,9 @@ def test_cli_errors_are_one_line(setup, tmp_path, capsys):
         (["--align-init", "--context-min", "0.1", "--context-max", "0.2"], "--align-init needs"),
         (["--p-copy-context", "-0.5"], "p-copy-context"),
         (["--max-steps", "x"], "invalid int"),
+        (["--cooldown-steps", "5"], "--cooldown-steps must be in [0, --max-steps = 4]"),
+        (["--cooldown-steps", "2"], "--cooldown-steps needs --cooldown-lr > 0"),
+        (["--cooldown-steps", "2", "--cooldown-lr", "nan"], "--cooldown-lr > 0"),
         (["--base", str(tmp_path / "nobase")], "not found"),
     ]
     for extra, message in bad:
