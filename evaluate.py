@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +27,11 @@ def add_model_options(p):
     p.add_argument("--model", required=True, help="model folder, checkpoint file or hub id (as sample.py)")
     p.add_argument("--t5", default=None, help="t5-base folder or hub id, for audiocraft / official STAGE checkpoints (default: the one the checkpoint bundles, else google-t5/t5-base)")
     p.add_argument("--out", required=True, help="output folder (created)")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance coefficient (1 = off)")
-    p.add_argument("--top-k", type=int, default=250, help="sample from the k most likely codes (0 = off)")
-    p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold (0 = off)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    # sampling: None = the model's own, as sample.py (config.json's "sampling", else 3.0, 250, 0, 1.0)
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance coefficient (1 = off; default: the model's, 3.0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely codes (0 = off; default: the model's, 250)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (0 = off; default: the model's, 0)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the model's, 1.0)")
     p.add_argument("--batch-size", type=int, default=8, help="stems generated per call")
     p.add_argument("--tracker", default="librosa", choices=TRACKERS, help="beat tracker that scores the stems (beat_this: pip install beat-this)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -75,11 +77,17 @@ def parse_bpms(text: str) -> list[float]:
     return bpms
 
 
+def sampling_given(args) -> dict:
+    return {k: v for k, v in dict(cfg_coef=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature).items()
+            if v is not None}
+
+
 def check_common(args):
+    from dataclasses import replace
+
     from stage_min.generate import SamplingConfig
 
-    args.sampling = SamplingConfig(cfg_coef=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
-    args.sampling.check()
+    replace(SamplingConfig(), **sampling_given(args)).check()  # before the model loads; its own settings fill the rest
     check_seconds(args.seconds)
     if args.batch_size < 1:
         raise EvalError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -156,9 +164,10 @@ def run_tempo(args):
         raise EvalError(f"--seeds must be >= 1, got {args.seeds}")
     check_common(args)
     model = load_model(args)
-    results = E.tempo_experiment(model, bpms, args.seeds, args.seconds, args.prompt, args.out, args.sampling,
+    sampling = model.sampling_with(**sampling_given(args))
+    results = E.tempo_experiment(model, bpms, args.seeds, args.seconds, args.prompt, args.out, sampling,
                                  args.tracker, args.batch_size)
-    finish({"model": args.model, **results}, args.out,
+    finish({"model": args.model, "sampling": asdict(sampling), **results}, args.out,
            f"beat F-measure {results['mean']:.3f} with the click track, {results['mean_nocontext']:.3f} without")
 
 
@@ -171,9 +180,10 @@ def run_accompany(args):
     val_fraction, split_seed = E.train_split(args.model)
     E.held_out_songs(args.data, args.target.lower(), val_fraction, split_seed)  # a bad --data fails before the model loads
     model = load_model(args)
+    sampling = model.sampling_with(**sampling_given(args))
     results = E.accompany_experiment(model, args.data, args.target.lower(), args.out, args.songs, args.seconds, args.prompt,
-                                     args.sampling, args.seed, args.tracker, args.batch_size, val_fraction, split_seed)
-    finish({"model": args.model, "data": str(args.data), **results}, args.out,
+                                     sampling, args.seed, args.tracker, args.batch_size, val_fraction, split_seed)
+    finish({"model": args.model, "data": str(args.data), "sampling": asdict(sampling), **results}, args.out,
            f"beat F-measure {results['mean']:.3f} with the context, {results['mean_nocontext']:.3f} without, "
            f"{results['mean_reference']:.3f} for the reference stems; fad_encodec {results['fad_encodec']:.4g} "
            f"(without context {results['fad_encodec_nocontext']:.4g}), kad_encodec {results['kad_encodec']:.4g} "

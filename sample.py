@@ -56,10 +56,12 @@ def parse_args(argv=None):
     p.add_argument("--overlap", type=float, default=5.0, help="seconds of each window's stem given by the previous window")
     p.add_argument("--batch", type=int, default=4, help="--context FOLDER: songs per batch")
     p.add_argument("--t5", default=None, help="t5-base folder or hub id, for audiocraft / official STAGE checkpoints (default: the one the checkpoint bundles, else google-t5/t5-base)")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance coefficient (1 = off)")
-    p.add_argument("--top-k", type=int, default=250, help="sample from the k most likely codes (0 = off)")
-    p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold (0 = off)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (< 1: safer, > 1: more varied)")
+    # sampling: None = the model's own (config.json's "sampling", else MusicGen's defaults: 3.0, 250, 0, 1.0)
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance coefficient (1 = off; default: the model's, 3.0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely codes (0 = off; default: the model's, 250)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (0 = off; default: the model's, 0)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (< 1: safer, > 1: more varied; "
+                   "default: the model's, 1.0; the toy's config.json sets the one it was measured best with)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling (default: a fresh random draw each run)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and activations: the half types are faster on a GPU")
@@ -67,10 +69,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def sampling_config(args):
+def sampling_given(args) -> dict:
+    """The sampling settings given on the command line (None: the model's own)."""
+    return dict(cfg_coef=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
+
+
+def check_sampling(args):
+    from dataclasses import replace
+
     from stage_min.generate import SamplingConfig
 
-    return SamplingConfig(cfg_coef=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
+    replace(SamplingConfig(), **{k: v for k, v in sampling_given(args).items() if v is not None}).check()
 
 
 # ---- modes ---------------------------------------------------------------------------------------
@@ -183,7 +192,7 @@ def stem_seconds_limit(args) -> float:
 
 def check_numbers(args):
     """Numbers in range and finite (NaN passes no comparison, inf would pass some)."""
-    sampling_config(args).check()
+    check_sampling(args)
     if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
         raise ValueError(f"--seed must be in [0, 2^63 - 1], got {args.seed}")
     if args.duration is not None:
@@ -376,6 +385,7 @@ def load_models(args, stage: bool = True) -> dict:
         if stage and model.context_token_added:
             print(f"warning: {path} is a plain MusicGen, not a STAGE model: its context token is untrained, "
                   "so the stem will not follow the context", file=sys.stderr)
+        model.sampling = model.sampling_with(**sampling_given(args))  # the options given replace its own settings
         models[name] = model
     return models
 
@@ -405,7 +415,7 @@ def write_outputs(paths: dict, stems: dict, mix_path, mix, interrupted, sample_r
 
 # ---- generation ----------------------------------------------------------------------------------
 def song_options(args) -> dict:
-    return dict(window_s=args.window, overlap_s=args.overlap, sampling=sampling_config(args), seed=args.seed,
+    return dict(window_s=args.window, overlap_s=args.overlap, sampling=None, seed=args.seed,  # each model's own (load_models)
                 progress=True, compile=args.compile)
 
 
@@ -478,8 +488,8 @@ def run_window(args, context, total_frames, interrupted):
     import torch
 
     n_frames, context_frames = plan_frames(args, context, total_frames)
-    sampling = sampling_config(args)
     model = load_models(args, stage=context is not None)["stem"]
+    sampling = model.sampling
     if context is None:
         audio, _ = model.generate([args.prompt], n_frames, sampling, seed=args.seed, progress=True, compile=args.compile)
     else:

@@ -25,7 +25,7 @@ from .audio import AudioError, load_audio, save_audio  # noqa: E402
 from .loading import LoadError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = "weights/stage-toy"  # the shipped toy STAGE model (drums; 4 s windows)
+DEFAULT_MODEL = "weights/stage-toy"  # the shipped toy STAGE model (drums; 2 s windows)
 SAMPLE_RATE = 32000  # EnCodec 32 kHz
 FRAME_RATE = 50
 MAX_SECONDS = 14.98  # the context (cut to the stem's length), the separator and the stem share 30 s of frames
@@ -129,9 +129,32 @@ def missing_model(name: str) -> str:
     return ""
 
 
+def recommended_sampling(name: str):
+    """The sampling a local model's config.json recommends (the toy's temperature), else the defaults;
+    read without loading the model, to fill the Sampling fields."""
+    import json
+
+    from .generate import SamplingConfig
+    from .pipeline import recommended_sampling as from_config
+
+    try:
+        config = json.loads((Path(model_location(name)) / "config.json").read_text())
+        return from_config(config.get("sampling") if isinstance(config, dict) else None, name)
+    except (gr.Error, LoadError, OSError, ValueError):  # not a local folder, or no readable config: the defaults
+        return SamplingConfig()
+
+
 def model_notice(name: str) -> str:
+    from dataclasses import asdict
+
+    from .generate import SamplingConfig
+
     message = missing_model(name)
-    return f"⚠️ {message}" if message else ""
+    if message:
+        return f"⚠️ {message}"
+    own, defaults = asdict(recommended_sampling(name)), asdict(SamplingConfig())
+    changed = ", ".join(f"{k.replace('cfg_coef', 'guidance').replace('_', '-')} {v:g}" for k, v in own.items() if v != defaults[k])
+    return f"ℹ️ This model's recommended sampling: {changed} (set under Sampling)." if changed else ""
 
 
 def read_context(request: Request) -> tuple[np.ndarray, list[str]]:
@@ -302,10 +325,11 @@ def build_page(generator: Generator, model: str = DEFAULT_MODEL) -> gr.Blocks:
                 stack = gr.Textbox(label="Then stack more stems (optional): name=model, comma separated", value="",
                                    placeholder="bass=weights/stage-bass", elem_id="stack")
                 seconds = gr.Slider(0.5, MAX_SECONDS, value=4.0, step=0.5, label="Duration (s)", elem_id="seconds")
+                own = recommended_sampling(model)  # the default model's own settings (the toy: its temperature)
                 with gr.Accordion("Sampling", open=False):
-                    guidance = gr.Slider(1.0, 10.0, value=3.0, step=0.5, label="Guidance (1 = off)")
-                    top_k = gr.Number(label="Top-k (0 = off)", value=250, precision=0)
-                    temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature")
+                    guidance = gr.Slider(1.0, 10.0, value=own.cfg_coef, step=0.5, label="Guidance (1 = off)")
+                    top_k = gr.Number(label="Top-k (0 = off)", value=own.top_k, precision=0)
+                    temperature = gr.Slider(0.1, 2.0, value=own.temperature, step=0.05, label="Temperature", elem_id="temperature")
                     seed = gr.Number(label="Seed (-1: a random one, shown with the result)", value=-1, precision=0, elem_id="seed")
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():

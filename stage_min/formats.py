@@ -471,7 +471,15 @@ def export_native(model, dst, extra: dict | None = None, dtype: str = "float32")
     dtype "float16" halves the file (weights are loaded back as float32, or the dtype asked for)."""
     from .loading import save_native
 
+    from dataclasses import asdict
+
+    from .generate import SamplingConfig
+
     weights, configs, spiece = _parts(model)
+    # the model's own sampling settings where they differ from the defaults (pipeline.recommended_sampling)
+    own, defaults = asdict(getattr(model, "sampling", SamplingConfig())), asdict(SamplingConfig())
+    changed = {k: v for k, v in own.items() if v != defaults[k]}
+    extra = {**({"sampling": changed} if changed else {}), **(extra or {})}
     lm_state = {k: v.detach().float() for k, v in model.lm.state_dict().items()}
     if dtype != "float32":
         to = getattr(torch, dtype)

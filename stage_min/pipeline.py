@@ -1,4 +1,6 @@
 """The three parts together: text encoder, language model, codec. Prompts in, audio out."""
+import math
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -18,6 +20,7 @@ class MusicGen(torch.nn.Module):
     def __init__(self, lm: MusicGenLM, text_encoder: TextEncoder, codec: Codec):
         super().__init__()
         self.lm, self.text_encoder, self.codec = lm, text_encoder, codec
+        self.sampling = SamplingConfig()  # used where no sampling is given; from_pretrained: the model's own
 
     @property
     def device(self) -> torch.device:
@@ -50,7 +53,13 @@ class MusicGen(torch.nn.Module):
         # a model trained on one fixed window (context as long as the stem, e.g. the toy) generates in it
         window = ckpt.config.get("window_seconds")
         model.window_frames = round(float(window) * model.codec.frame_rate) if window else None
+        model.sampling = recommended_sampling(ckpt.config.get("sampling"), name)
         return model
+
+    def sampling_with(self, **given) -> SamplingConfig:
+        """The model's sampling (its config.json's "sampling", else SamplingConfig's defaults) with the
+        settings in `given` that are not None (what a user asked for) in their place."""
+        return replace(self.sampling, **{k: v for k, v in given.items() if v is not None})
 
     def text_condition(self, prompts: list[str]):
         """Prompts -> projected text states (B, L, dim) and mask (B, L)."""
@@ -65,8 +74,9 @@ class MusicGen(torch.nn.Module):
         compile: torch.compile the decode step (pays from the second generation of the same size).
         A STAGE model (with a context token) gets `[separator][target]`, no context frames, in both
         guidance halves: what the original STAGE builds for context=None, and what every training
-        row with a dropped context looks like. A plain MusicGen gets its own grid."""
-        sampling = sampling or SamplingConfig()
+        row with a dropped context looks like. A plain MusicGen gets its own grid.
+        sampling None: the model's own (`self.sampling`)."""
+        sampling = sampling or self.sampling
         sampling.check()
         window = getattr(self, "window_frames", None)
         if window and n_frames > window and self.lm.cfg.n_special >= 2:  # fixed-window STAGE: text alone in windows
@@ -99,10 +109,10 @@ class MusicGen(torch.nn.Module):
         """STAGE: one stem per context (mono audio at `sample_rate`, any lengths), each `n_frames`
         long and time-aligned with its context (stem frame t plays with context frame t).
         Contexts are encoded, cut to the stem's length, left-padded to a common length.
-        Returns stem audio (B, 1, samples) in fp32 and codes (B, K, n_frames)."""
+        Returns stem audio (B, 1, samples) in fp32 and codes (B, K, n_frames). sampling None: the model's own."""
         if self.lm.cfg.n_special < 2:
             raise ValueError("this model has no context token; load it with stage=True or use a STAGE checkpoint")
-        sampling = sampling or SamplingConfig()
+        sampling = sampling or self.sampling
         sampling.check()
         n_out, window, hop = n_frames, getattr(self, "window_frames", None), self.codec.hop
         if window and n_frames > window:  # a model trained on one fixed window: longer stems in windows
@@ -149,6 +159,26 @@ class MusicGen(torch.nn.Module):
             raise ValueError(f"context shorter than one frame ({hop} samples)")
         dtype = next(self.codec.parameters()).dtype
         return self.codec.encode(audio.to(self.device, dtype)[None, None])
+
+
+def recommended_sampling(section, name: str) -> SamplingConfig:
+    """config.json's optional "sampling" object: the settings a model was measured best with (the toy's
+    temperature), in SamplingConfig's names; the others keep their defaults."""
+    if section is None:
+        return SamplingConfig()
+    names = {f.name: f.type for f in fields(SamplingConfig)}
+    if not isinstance(section, dict) or not set(section) <= set(names):
+        raise LoadError(f"{name}: config.json's 'sampling' must be an object with some of {', '.join(names)}, got {section!r}")
+    for key, value in section.items():
+        whole = names[key] in (int, "int")
+        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) or not math.isfinite(value):
+            raise LoadError(f"{name}: config.json's 'sampling' {key}={value!r} is not a finite {'whole ' if whole else ''}number")
+    sampling = SamplingConfig(**{k: v if names[k] in (int, "int") else float(v) for k, v in section.items()})
+    try:
+        sampling.check()
+    except ValueError as e:
+        raise LoadError(f"{name}: config.json's 'sampling': {e}") from None
+    return sampling
 
 
 def load_text_encoder(folder: Path, config: dict, state: dict) -> TextEncoder:

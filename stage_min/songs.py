@@ -87,7 +87,7 @@ def accompany_songs(model, songs: list, prompts: list[str], window_s: float = 10
     Returns per song (audio (samples,) fp32 on the CPU, codes (K, frames))."""
     if model.lm.cfg.n_special < 2:
         raise ValueError("this model has no context token; load it with stage=True or use a STAGE checkpoint")
-    sampling = sampling or SamplingConfig()
+    sampling = sampling or getattr(model, "sampling", None) or SamplingConfig()  # the model's own by default
     sampling.check()
     cfg, hop, rate = model.lm.cfg, model.codec.hop, model.codec.frame_rate
     window, overlap = round(window_s * rate), round(overlap_s * rate)

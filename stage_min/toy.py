@@ -18,7 +18,8 @@ Steps, each kept in the work folder so that a stopped run picks up where it was:
    the click-following swings by 0.1-0.2 F1 between checkpoints 500 steps apart, and a lower lr at the end
    settles it (MODEL_CARD.md);
 5. package: the run exported self-contained (native layout, fp16) -> OUT, with the geometry it was
-   trained on recorded in config.json so that generation uses the same one.
+   trained on recorded in config.json so that generation uses the same one, and its sampling temperature
+   (TEMPERATURE), which every generation uses unless told otherwise.
 
 Why the toy's context is as long as its target (a fixed 2 s + 2 s window, not STAGE's 5-10 s context
 prefix): target frame t must find context frame t, which sits a fixed number of steps back only when
@@ -43,6 +44,9 @@ ACCOMPANY_SECONDS = 4.0  # the accompaniment evaluation's stems: two windows of 
 VAL_FRACTION = 0.02  # 20 of 1000 songs held out, for the accompaniment evaluation (and 60 of the fresh ones)
 FRESH_STEPS = 1000  # steps of the fresh-songs phase (the shipped toy's)
 COOLDOWN_STEPS, COOLDOWN_LR = 500, 3e-4  # the last phase: a lower lr on the same songs (the shipped toy's)
+# the toy's own sampling temperature, written into its config.json: on the tempo experiment's seeds 0-2, 0.6
+# followed the click more closely than 0.8 and 1.0 (MODEL_CARD.md); sample.py --temperature overrides it
+TEMPERATURE = 0.6
 TEMPO_SEEDS = 6  # the tempo experiment's seeds: two 3-seed means of one model differed by 0.13 (MODEL_CARD.md)
 TRAIN_OPTIONS = [  # train.py options of the toy LM (beside --data/--out/--base/--max-steps)
     "--target", "drums", "--preset", "tiny", "--dim", "128", "--layers", "4", "--heads", "4",
@@ -114,7 +118,10 @@ def package(run: Path, out: Path):
 
     from .loading import follow_latest
 
+    from .generate import SamplingConfig
+
     model = MusicGen.from_pretrained(str(run))
+    model.sampling = SamplingConfig(temperature=TEMPERATURE)
     step = json.loads((follow_latest(run) / "config.json").read_text()).get("step")
     export_native(model, out, extra={"window_seconds": WINDOW_SECONDS, "trained_steps": step}, dtype="float16")
 

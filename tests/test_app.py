@@ -219,6 +219,30 @@ def test_prompt_helper_builds_the_official_caption_form():
     assert build_prompt("", "", "") == ""
 
 
+def test_sampling_fields_start_at_the_models_own(stage_model, tmp_path):
+    """A model whose config.json recommends a temperature (the toy) fills the Sampling fields with it, and
+    the page says so; a model without one keeps MusicGen's defaults and no notice."""
+    import json
+
+    from stage_min import app
+
+    folder = tmp_path / "own"
+    shutil.copytree(stage_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "sampling": {"temperature": 0.6}}))
+    assert app.recommended_sampling(str(folder)).temperature == 0.6
+    assert app.model_notice(str(folder)) == "ℹ️ This model's recommended sampling: temperature 0.6 (set under Sampling)."
+    assert app.recommended_sampling(str(stage_model)).temperature == 1.0 and app.model_notice(str(stage_model)) == ""
+    assert app.recommended_sampling("facebook/musicgen-small").temperature == 1.0  # a hub id: not read, the defaults
+    generator = app.Generator()
+    try:
+        page = app.build_page(generator, str(folder))
+    finally:
+        generator.cleanup()
+    sliders = {c.label: c.value for c in page.blocks.values() if getattr(c, "label", None) in ("Temperature", "Top-k (0 = off)")}
+    assert sliders == {"Temperature": 0.6, "Top-k (0 = off)": 250}
+
+
 def test_click_track_generation_writes_stem_and_mix(stage_model):
     from stage_min import app
 

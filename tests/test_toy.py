@@ -74,6 +74,7 @@ def test_toy_rebuild_command_runs_a_few_steps(tmp_path):
     config = json.loads((out / "config.json").read_text())
     # 2 steps, then 1 on fresh songs, then 1 of cooldown
     assert config["window_seconds"] == toy.WINDOW_SECONDS and config["trained_steps"] == 4
+    assert config["sampling"] == {"temperature": toy.TEMPERATURE}  # the toy's own, used unless one is given
     metrics = [json.loads(line) for line in (tmp_path / "work" / "lm" / "metrics.jsonl").read_text().splitlines()]
     lrs = {m["step"]: m["lr"] for m in metrics if "lr" in m}
     assert lrs[2] == 1e-3 and lrs[4] == 5e-4  # the cooldown step (the fresh phase's last) ran at its own lr
@@ -83,6 +84,7 @@ def test_toy_rebuild_command_runs_a_few_steps(tmp_path):
     assert (first / "song_000" / "drums.wav").read_bytes() != (tmp_path / "work" / "fresh-songs" / "song_000" / "drums.wav").read_bytes()
     model = MusicGen.from_pretrained(str(out))
     assert model.window_frames == round(toy.WINDOW_SECONDS * 50) and model.lm.cfg.card == 256
+    assert model.sampling.temperature == toy.TEMPERATURE
     audio, codes = model.accompany([torch.zeros(32000)], [""], 25, seed=0)
     assert audio.shape == (1, 1, 25 * 640) and codes.shape == (1, 4, 25)
 
