@@ -151,10 +151,10 @@ def test_main_command_runs_offline_on_the_toy(tmp_path):
 @pytest.mark.skipif(not (TOY / "config.json").exists(), reason="weights/stage-toy is not built")
 def test_shipped_toy_plays_closer_to_the_click_than_without_it():
     """What the shipped toy does measure (MODEL_CARD.md): 4 s stems at 133 BPM (a tempo the README does not
-    use), 6 fixed seeds x 3 rows, scored against the click's beats. Measured over seeds 0-7: a per-seed mean
-    F1 of 0.40-0.74 with the click (mean 0.55) and 0.11-0.69 with the context dropped (mean 0.40); the
-    gap per seed is -0.04-0.35. The bounds sit below the 6-seed values (0.54 and a gap of 0.17) by about
-    three standard errors of a 6-seed mean (with the click) and one (the gap)."""
+    use), 6 fixed seeds x 3 rows, scored against the click's beats, at the toy's own temperature. Measured over
+    seeds 0-7: a per-seed mean F1 of 0.44-0.76 with the click (mean 0.63) and 0.19-0.37 with the context
+    dropped (mean 0.28); the gap per seed is 0.18-0.52. The bounds sit below the 6-seed values (0.63 and a
+    gap of 0.36) by about three standard errors of a 6-seed mean (with the click) and one (the gap)."""
     from stage_min.evaluation import beat_scores
     from stage_min.metronome import beat_times, metronome
     from stage_min.pipeline import MusicGen
@@ -168,12 +168,13 @@ def test_shipped_toy_plays_closer_to_the_click_than_without_it():
         plain, _ = model.generate([""] * 3, 200, seed=seed)
         with_click += [beat_scores(a[0].numpy(), 32000, reference)["f_measure"] for a in audio]
         without += [beat_scores(a[0].numpy(), 32000, reference)["f_measure"] for a in plain]
-    assert np.mean(with_click) >= 0.45, np.mean(with_click)
-    assert np.mean(with_click) - np.mean(without) >= 0.1, (np.mean(with_click), np.mean(without))
+    assert np.mean(with_click) >= 0.48, np.mean(with_click)
+    assert np.mean(with_click) - np.mean(without) >= 0.3, (np.mean(with_click), np.mean(without))
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped toy follows a click track, but below this target "
-                   "(MODEL_CARD.md: tempo experiment F1 0.71 with the click, 0.29 without; at 133 BPM over 4 s 0.55)")
+@pytest.mark.xfail(strict=True, reason="the shipped toy follows a click track, but not this closely in 4 s stems "
+                   "(MODEL_CARD.md: tempo experiment, 8 s, F1 0.88 with the click, 0.26 without; at 133 BPM over 4 s "
+                   "0.63, and 0.44 for seed 0)")
 def test_shipped_toy_follows_a_click_track():
     """The target (issue 11): a 4 s click-track stem at a tempo not listed in the README scores beat
     F1 >= 0.7 on average over fixed seeds. strict: when a retrained toy passes, this must be updated."""
