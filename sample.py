@@ -484,7 +484,6 @@ def run_folder(args, interrupted):
 
 def run_window(args, context, total_frames, interrupted):
     """One window: text alone, or a --duration stem next to the context's start."""
-    import numpy as np
     import torch
 
     n_frames, context_frames = plan_frames(args, context, total_frames)

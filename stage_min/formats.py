@@ -20,7 +20,7 @@ import math
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -469,11 +469,8 @@ def _parts(model) -> tuple[dict, dict, bytes]:
 def export_native(model, dst, extra: dict | None = None, dtype: str = "float32"):
     """Our layout, self-contained: LM + T5 + EnCodec weights, their configs and spiece.model.
     dtype "float16" halves the file (weights are loaded back as float32, or the dtype asked for)."""
-    from .loading import save_native
-
-    from dataclasses import asdict
-
     from .generate import SamplingConfig
+    from .loading import save_native
 
     weights, configs, spiece = _parts(model)
     # the model's own sampling settings where they differ from the defaults (pipeline.recommended_sampling)

@@ -114,11 +114,9 @@ def train_lm(run: Path, songs: Path, base: Path, steps: int, seed: int, cooldown
 
 def package(run: Path, out: Path):
     from .formats import export_native
-    from .pipeline import MusicGen
-
-    from .loading import follow_latest
-
     from .generate import SamplingConfig
+    from .loading import follow_latest
+    from .pipeline import MusicGen
 
     model = MusicGen.from_pretrained(str(run))
     model.sampling = SamplingConfig(temperature=TEMPERATURE)

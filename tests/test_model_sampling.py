@@ -81,7 +81,6 @@ def test_bad_sampling_section_is_a_load_error(bundled, tmp_path, section, messag
 
 def test_sample_cli_uses_the_models_temperature_unless_given(bundled, tmp_path):
     """sample.py without --temperature: the model's; with it: the one given (results.json of evaluate.py too)."""
-    import evaluate
     import sample
 
     folder = with_sampling(bundled, tmp_path, {"temperature": 0.25})
