@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from stage_min.audio import AudioError, load_audio
-from stage_min.cli import OneLineParser, warnings_via_tqdm
+from stage_min.cli import OneLineParser, add_sampling_options, check_sampling, sampling_given, warnings_via_tqdm
 from stage_min.evaluation import TRACKERS, EvalError, check_seconds
 
 SAMPLE_RATE = 32000  # `beats` scores audio at EnCodec's rate, as the experiments do
@@ -27,11 +27,7 @@ def add_model_options(p):
     p.add_argument("--model", required=True, help="model folder, checkpoint file or hub id (as sample.py)")
     p.add_argument("--t5", default=None, help="t5-base folder or hub id, for audiocraft / official STAGE checkpoints (default: the one the checkpoint bundles, else google-t5/t5-base)")
     p.add_argument("--out", required=True, help="output folder (created)")
-    # sampling: None = the model's own, as sample.py (config.json's "sampling", else 3.0, 250, 0, 1.0)
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance coefficient (1 = off; default: the model's, 3.0)")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely codes (0 = off; default: the model's, 250)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (0 = off; default: the model's, 0)")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the model's, 1.0)")
+    add_sampling_options(p)  # each None unless given: the model's own setting, as sample.py
     p.add_argument("--batch-size", type=int, default=8, help="stems generated per call")
     p.add_argument("--tracker", default="librosa", choices=TRACKERS, help="beat tracker that scores the stems (beat_this: pip install beat-this)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -77,17 +73,8 @@ def parse_bpms(text: str) -> list[float]:
     return bpms
 
 
-def sampling_given(args) -> dict:
-    return {k: v for k, v in dict(cfg_coef=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature).items()
-            if v is not None}
-
-
 def check_common(args):
-    from dataclasses import replace
-
-    from stage_min.generate import SamplingConfig
-
-    replace(SamplingConfig(), **sampling_given(args)).check()  # before the model loads; its own settings fill the rest
+    check_sampling(args)  # before the model loads; its own settings fill the rest
     check_seconds(args.seconds)
     if args.batch_size < 1:
         raise EvalError(f"--batch-size must be >= 1, got {args.batch_size}")

@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from stage_min.cli import OneLineParser, warnings_via_tqdm  # argparse only
+from stage_min.cli import OneLineParser, add_sampling_options, check_sampling, sampling_given, warnings_via_tqdm  # argparse only
 
 # Only light imports here: everything else is imported inside functions, so that a Ctrl-C at any
 # moment, even while torch is being imported, ends in one line ("error: interrupted", exit 130).
@@ -56,30 +56,12 @@ def parse_args(argv=None):
     p.add_argument("--overlap", type=float, default=5.0, help="seconds of each window's stem given by the previous window")
     p.add_argument("--batch", type=int, default=4, help="--context FOLDER: songs per batch")
     p.add_argument("--t5", default=None, help="t5-base folder or hub id, for audiocraft / official STAGE checkpoints (default: the one the checkpoint bundles, else google-t5/t5-base)")
-    # sampling: None = the model's own (config.json's "sampling", else MusicGen's defaults: 3.0, 250, 0, 1.0)
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance coefficient (1 = off; default: the model's, 3.0)")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely codes (0 = off; default: the model's, 250)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (0 = off; default: the model's, 0)")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (< 1: safer, > 1: more varied; "
-                   "default: the model's, 1.0; the toy's config.json sets the one it was measured best with)")
+    add_sampling_options(p)  # each None unless given: the model's own setting
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling (default: a fresh random draw each run)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and activations: the half types are faster on a GPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first call)")
     return p.parse_args(argv)
-
-
-def sampling_given(args) -> dict:
-    """The sampling settings given on the command line (None: the model's own)."""
-    return dict(cfg_coef=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
-
-
-def check_sampling(args):
-    from dataclasses import replace
-
-    from stage_min.generate import SamplingConfig
-
-    replace(SamplingConfig(), **{k: v for k, v in sampling_given(args).items() if v is not None}).check()
 
 
 # ---- modes ---------------------------------------------------------------------------------------

@@ -32,6 +32,31 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
+def add_sampling_options(p: argparse.ArgumentParser):
+    """--cfg/--top-k/--top-p/--temperature, each None unless given: then the model's own setting is used
+    (config.json's "sampling", else MusicGen's 3.0, 250, 0, 1.0; the toy's temperature is 0.6)."""
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance coefficient (1 = off; default: the model's, 3.0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely codes (0 = off; default: the model's, 250)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (0 = off; default: the model's, 0)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (< 1: safer, > 1: more varied; "
+                   "default: the model's, 1.0; the toy's config.json sets the one it was measured best with)")
+
+
+def sampling_given(args) -> dict:
+    """The sampling settings given on the command line, in SamplingConfig's names (the rest: the model's own)."""
+    given = dict(cfg_coef=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def check_sampling(args):
+    """The settings given are in range (before any model loads: a bad one fails at once)."""
+    from dataclasses import replace
+
+    from .generate import SamplingConfig
+
+    replace(SamplingConfig(), **sampling_given(args)).check()
+
+
 @contextlib.contextmanager
 def warnings_via_tqdm():
     """Python warnings (librosa's, torch's) printed with tqdm.write while this lasts: above an active
