@@ -184,8 +184,8 @@ def train(cfg: T.TrainConfig, resume: bool):
             optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as e:
             raise T.UsageError(f"--resume: the optimizer state in {out} does not fit this model ({e})") from None
-        for group in optimizer.param_groups:  # the options given now win over the saved ones (e.g. a lower --lr)
-            group["lr"], group["betas"] = cfg.lr, (cfg.beta1, cfg.beta2)
+        for group in optimizer.param_groups:  # the betas given now win over the saved ones (the lr is set every step)
+            group["betas"] = (cfg.beta1, cfg.beta2)
         T.set_rng_state(state["rng"])
         step = state["step"]
     ddp = T.StageLoss(lm, cfg.valid_steps_only)

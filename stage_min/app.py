@@ -145,15 +145,11 @@ def recommended_sampling(name: str):
 
 
 def model_notice(name: str) -> str:
-    from dataclasses import asdict
-
-    from .generate import SamplingConfig
-
     message = missing_model(name)
     if message:
         return f"⚠️ {message}"
-    own, defaults = asdict(recommended_sampling(name)), asdict(SamplingConfig())
-    changed = ", ".join(f"{k.replace('cfg_coef', 'guidance').replace('_', '-')} {v:g}" for k, v in own.items() if v != defaults[k])
+    changed = ", ".join(f"{k.replace('cfg_coef', 'guidance').replace('_', '-')} {v:g}"
+                        for k, v in recommended_sampling(name).changed().items())
     return f"ℹ️ This model's recommended sampling: {changed} (set under Sampling)." if changed else ""
 
 

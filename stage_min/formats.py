@@ -20,7 +20,7 @@ import math
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -474,8 +474,7 @@ def export_native(model, dst, extra: dict | None = None, dtype: str = "float32")
 
     weights, configs, spiece = _parts(model)
     # the model's own sampling settings where they differ from the defaults (pipeline.recommended_sampling)
-    own, defaults = asdict(getattr(model, "sampling", SamplingConfig())), asdict(SamplingConfig())
-    changed = {k: v for k, v in own.items() if v != defaults[k]}
+    changed = getattr(model, "sampling", SamplingConfig()).changed()
     extra = {**({"sampling": changed} if changed else {}), **(extra or {})}
     lm_state = {k: v.detach().float() for k, v in model.lm.state_dict().items()}
     if dtype != "float32":

@@ -4,7 +4,7 @@ The whole loop stays on the device: sampling, guidance and forcing of known toke
 delay gaps, a STAGE prefix) are tensor ops, so no value is read back to the host per step.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
@@ -28,6 +28,11 @@ class SamplingConfig:
             raise ValueError(f"top-p must be in [0, 1], got {self.top_p}")
         if not 1 <= self.cfg_coef <= MAX_CFG:
             raise ValueError(f"guidance coefficient must be in [1, {MAX_CFG:g}], got {self.cfg_coef}")
+
+    def changed(self) -> dict:
+        """The settings that differ from the defaults (what a model's config.json "sampling" records)."""
+        defaults = asdict(SamplingConfig())
+        return {k: v for k, v in asdict(self).items() if v != defaults[k]}
 
 
 MAX_CFG = 1e4  # far beyond any useful value; keeps the guided logits far from float32's range

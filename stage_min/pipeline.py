@@ -166,14 +166,13 @@ def recommended_sampling(section, name: str) -> SamplingConfig:
     temperature), in SamplingConfig's names; the others keep their defaults."""
     if section is None:
         return SamplingConfig()
-    names = {f.name: f.type for f in fields(SamplingConfig)}
-    if not isinstance(section, dict) or not set(section) <= set(names):
-        raise LoadError(f"{name}: config.json's 'sampling' must be an object with some of {', '.join(names)}, got {section!r}")
+    whole = {f.name: f.type in (int, "int") for f in fields(SamplingConfig)}  # top_k: int; the others: float
+    if not isinstance(section, dict) or not set(section) <= set(whole):
+        raise LoadError(f"{name}: config.json's 'sampling' must be an object with some of {', '.join(whole)}, got {section!r}")
     for key, value in section.items():
-        whole = names[key] in (int, "int")
-        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) or not math.isfinite(value):
-            raise LoadError(f"{name}: config.json's 'sampling' {key}={value!r} is not a finite {'whole ' if whole else ''}number")
-    sampling = SamplingConfig(**{k: v if names[k] in (int, "int") else float(v) for k, v in section.items()})
+        if isinstance(value, bool) or not isinstance(value, int if whole[key] else (int, float)) or not math.isfinite(value):
+            raise LoadError(f"{name}: config.json's 'sampling' {key}={value!r} is not a finite {'whole ' if whole[key] else ''}number")
+    sampling = SamplingConfig(**{k: v if whole[k] else float(v) for k, v in section.items()})
     try:
         sampling.check()
     except ValueError as e:
