@@ -10,7 +10,7 @@ machine only unless --host says otherwise.
 import signal
 import sys
 
-from stage_min.cli import OneLineParser
+from stage_min.cli.options import OneLineParser
 
 
 def parse_args(argv=None):
@@ -29,7 +29,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        from stage_min.app import Generator, build_page, missing_model
+        from stage_min.app.page import Generator, build_page, missing_model
     except ImportError as e:
         print(f"error: the web demo needs gradio ({e.name} is missing): pip install -e \".[app]\"", file=sys.stderr)
         sys.exit(2)

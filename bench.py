@@ -7,7 +7,7 @@
     python bench.py --mode song-f1 --model weights/stage-toy   # beat F1: 60 s windowed vs the first 10 s alone
 
 One set of random weights is built in a transformers `MusicgenForConditionalGeneration` and mapped
-into ours with `stage_min.loading` (the same remapping `MusicGen.from_pretrained` uses). Both then
+into ours with `stage_min.io.loading` (the same remapping `MusicGen.from_pretrained` uses). Both then
 generate with guidance 3, top-k 250, batch 1, the same number of sequence steps (frames + 4; transformers
 runs one forward more than ours, its first two without a cache). Timed: the text
 encoder (a one-layer T5 of t5-base width, the same module for both), the cross-attention set-up,
@@ -17,7 +17,7 @@ Prints one JSON line per run.
 --mode song: a STAGE model of the preset's shape (random weights, the same small codec and one-layer
 T5 as above: the real codec decodes more slowly) accompanies a 60 s synthetic song with songs.py's
 defaults (10 s windows, 5 s overlap, guidance 3, top-k 250); timed: the whole call, decode included.
---mode song-f1: a trained drums model on synthetic songs (stage_min.synth, `--style toy` by default:
+--mode song-f1: a trained drums model on synthetic songs (stage_min.toy.synth, `--style toy` by default:
 the style weights/stage-toy learnt; bass + chords as the context): beat F1 (mir_eval, 70 ms) of the
 drums made for the whole 60 s, window by window, against the F1 of their first 10 s (tracked alone),
 and of each 10 s (a late stretch that follows less shows drift). Windowing
@@ -33,9 +33,9 @@ import time
 import torch
 
 from stage_min import delay
-from stage_min.cli import OneLineParser
+from stage_min.cli.options import OneLineParser
 from stage_min.generate import SamplingConfig, compiled_step, generate_tokens
-from stage_min.loading import lm_config_from_hf, lm_state_from_hf, load_strict
+from stage_min.io.loading import lm_config_from_hf, lm_state_from_hf, load_strict
 from stage_min.model import LMConfig, MusicGenLM
 
 PROMPT_TOKENS = 12  # a typical prompt length in t5 tokens
@@ -110,27 +110,27 @@ def stage_model_of_shape(preset: LMConfig, device, dtype):
     """A random STAGE MusicGen of the preset's LM shape, through a saved transformers folder."""
     import tempfile
 
-    from stage_min.pipeline import MusicGen
-    from stage_min.tiny import train_spiece
+    from stage_min.io.pretrained import from_pretrained
+    from stage_min.toy.tiny import train_spiece
 
     with tempfile.TemporaryDirectory() as folder:
         hf_model(preset).save_pretrained(folder)
         train_spiece(f"{folder}/spiece.model")
-        return MusicGen.from_pretrained(folder, device=device, dtype=dtype, stage=True)
+        return from_pretrained(folder, device=device, dtype=dtype, stage=True)
 
 
 def synthetic_song(seconds: float, seed: int, style: str = "default"):
-    """A stage_min.synth song in a song_styles() style, with its context (bass + chords) and beat times."""
+    """A stage_min.toy.synth song in a song_styles() style, with its context (bass + chords) and beat times."""
     import numpy as np
 
-    from stage_min.synth import make_song
+    from stage_min.toy.synth import make_song
 
     song = make_song(np.random.default_rng(seed), seconds, style=song_styles()[style])
     return {**song, "context": song["bass"] + song["chords"], "beat_times": np.array([t for t, _ in song["beats"]])}
 
 
 def song_styles() -> dict:
-    from stage_min import synth
+    from stage_min.toy import synth
 
     return {"toy": synth.TOY, "default": synth.Style()}
 
@@ -152,11 +152,11 @@ def bench_song_f1(args, device, dtype):
     import mir_eval
     import numpy as np
 
-    from stage_min.evaluation import track_beats  # beat times only
-    from stage_min.pipeline import MusicGen
+    from stage_min.eval.evaluation import track_beats  # beat times only
+    from stage_min.io.pretrained import from_pretrained
     from stage_min.songs import accompany_song
 
-    model = MusicGen.from_pretrained(args.model, device=device, dtype=dtype, stage=True)
+    model = from_pretrained(args.model, device=device, dtype=dtype, stage=True)
     sr, first_s = model.sample_rate, 10.0
 
     def f1(stem, beats, start, end):  # the stem's beats tracked in [start, end) against the song's there
@@ -189,12 +189,12 @@ def bench_song_f1(args, device, dtype):
 
 
 def stage_pair(preset: LMConfig, device, dtype):
-    """The original STAGE decoder (x-transformers 1.26.0, stage_min.original) of a preset's shape with
+    """The original STAGE decoder (x-transformers 1.26.0, stage_min.eval.original) of a preset's shape with
     random weights, and our LM holding the same weights, mapped through the official checkpoint's key
     table (formats.py, as `MusicGen.from_pretrained` reads an official file)."""
-    from stage_min import original
-    from stage_min.formats import STAGE_LM, STAGE_TEXT, lm_config_from_stage, stage_lm_key_table
-    from stage_min.loading import gather
+    from stage_min.eval import original
+    from stage_min.io.formats import STAGE_LM, STAGE_TEXT, lm_config_from_stage, stage_lm_key_table
+    from stage_min.io.loading import gather
 
     decoder = original.build_decoder(preset.dim, preset.n_layers, card=preset.card, n_q=preset.n_codebooks,
                                      max_seq_len=8192, random_norms=False)
@@ -216,7 +216,7 @@ def bench_stage(args, device, dtype):
 
     import numpy as np
 
-    from stage_min import original
+    from stage_min.eval import original
     from stage_min.stage import generation_rows
 
     warnings.filterwarnings("ignore", message=".*sdp_kernel.*")  # x-transformers 1.26's deprecated torch call
@@ -284,7 +284,7 @@ def train_step_fn(variant: str, preset: LMConfig, batch: int, frames: int, conte
     projection in front; it makes logits for every step). The separator is the special id here:
     transformers' embedding has no row for STAGE's context token, and the cost is the same.
     Returns (step, n_params)."""
-    from stage_min import training as T
+    from stage_min.train import training as T
     from stage_min.stage import build_sequence
 
     hf = hf_model(preset)
@@ -392,7 +392,7 @@ def main(argv=None):
     p.add_argument("--model", help="song-f1: a trained STAGE drums model (required there; unused by the other modes)")
     p.add_argument("--prompt", default=None, help="song-f1: the prompt (default: each song's caption, as evaluate.py's accompaniment)")
     p.add_argument("--songs", type=int, default=8, help="song-f1: synthetic songs averaged")
-    p.add_argument("--style", default="toy", choices=["toy", "default"], help="song-f1: stage_min.synth style of the songs "
+    p.add_argument("--style", default="toy", choices=["toy", "default"], help="song-f1: stage_min.toy.synth style of the songs "
                    "(toy: synth.TOY, what weights/stage-toy was trained on; default: synth.Style())")
     p.add_argument("--config", default="tiny", choices=["tiny", "small", "medium", "large"], help="LM size, random weights of that shape (decode and song modes)")
     p.add_argument("--steps", type=int, default=0, help="LM forward steps (0: 256 for tiny, 64 otherwise)")

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stage_min.audio import AudioError, load_audio
-from stage_min.cli import OneLineParser, add_sampling_options, check_sampling, sampling_given, warnings_via_tqdm
-from stage_min.evaluation import TRACKERS, EvalError, check_seconds
+from stage_min.io.audio import AudioError, load_audio
+from stage_min.cli.options import (OneLineParser, add_sampling_options, check_sampling, sampling_given, warnings_via_tqdm)
+from stage_min.eval.evaluation import TRACKERS, EvalError, check_seconds
 
 SAMPLE_RATE = 32000  # `beats` scores audio at EnCodec's rate, as the experiments do
 
@@ -107,9 +107,9 @@ def pick_device(name):
 
 
 def load_model(args):
-    from stage_min.pipeline import MusicGen
+    from stage_min.io.pretrained import from_pretrained
 
-    model = MusicGen.from_pretrained(args.model, device=pick_device(args.device), stage=True, t5=args.t5)
+    model = from_pretrained(args.model, device=pick_device(args.device), stage=True, t5=args.t5)
     if model.context_token_added:
         print(f"warning: {args.model} is a plain MusicGen, not a STAGE model: its context token is untrained, "
               "so its stems cannot follow a context", file=sys.stderr)
@@ -118,7 +118,7 @@ def load_model(args):
 
 # ---- the three commands -------------------------------------------------------------------------
 def run_beats(args):
-    from stage_min import evaluation as E
+    from stage_min.eval import evaluation as E
 
     if (args.bpm is None) == (args.beats is None):
         raise EvalError("give the reference as --bpm or as --beats, one of them")
@@ -128,14 +128,14 @@ def run_beats(args):
         raise EvalError(f"--offset must be >= 0, got {args.offset:g}")
     audio = load_audio(args.audio, SAMPLE_RATE)
     if args.beats is not None:
-        from stage_min.data import parse_beats
+        from stage_min.train.data import parse_beats
 
         try:
             reference = parse_beats(Path(args.beats).read_text())[0]
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise EvalError(f"--beats {args.beats}: {getattr(e, 'strerror', None) or e}") from None
     else:
-        from stage_min.metronome import beat_times
+        from stage_min.io.metronome import beat_times
 
         reference = beat_times(args.bpm, len(audio) / SAMPLE_RATE, args.offset)
     scores = E.beat_scores(audio, SAMPLE_RATE, reference, args.tracker)
@@ -144,7 +144,7 @@ def run_beats(args):
 
 
 def run_tempo(args):
-    from stage_min import evaluation as E
+    from stage_min.eval import evaluation as E
 
     bpms = parse_bpms(args.bpm)
     if args.seeds < 1:
@@ -159,7 +159,7 @@ def run_tempo(args):
 
 
 def run_accompany(args):
-    from stage_min import evaluation as E
+    from stage_min.eval import evaluation as E
 
     if args.songs is not None and args.songs < 1:
         raise EvalError(f"--songs must be >= 1, got {args.songs}")
@@ -178,7 +178,7 @@ def run_accompany(args):
 
 
 def finish(results, out, summary):
-    from stage_min import evaluation as E
+    from stage_min.eval import evaluation as E
 
     written = E.write_results(results, out) + [E.write_report(results, out)]
     print(summary)
@@ -194,8 +194,8 @@ def main(argv=None):
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # every failure a user can cause ends in one line, never a traceback
-        from stage_min.data import DataError
-        from stage_min.loading import LoadError
+        from stage_min.train.data import DataError
+        from stage_min.io.loading import LoadError
 
         if not isinstance(e, (EvalError, DataError, LoadError, AudioError, ValueError, OSError)):
             raise

@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from stage_min.cli import OneLineParser, add_sampling_options, check_sampling, sampling_given, warnings_via_tqdm  # argparse only
+from stage_min.cli.options import (OneLineParser, add_sampling_options, check_sampling, sampling_given, warnings_via_tqdm)  # argparse only
 
 # Only light imports here: everything else is imported inside functions, so that a Ctrl-C at any
 # moment, even while torch is being imported, ends in one line ("error: interrupted", exit 130).
@@ -119,7 +119,7 @@ def labelled_outputs(names: list, out, mix_out=None) -> dict:
 
 
 def folder_files(folder) -> list:
-    from stage_min.data import AUDIO_EXTS
+    from stage_min.train.data import AUDIO_EXTS
 
     return sorted(f for f in Path(folder).iterdir() if f.is_file() and f.suffix.lower() in AUDIO_EXTS)
 
@@ -147,7 +147,7 @@ def file_ids(paths: dict) -> dict:
 def check_outputs(outputs: dict, inputs: dict, overwrite: bool):
     """Every output writable in a format we write, no two the same file, none an input (unless
     --overwrite). outputs: {what: path}; inputs: file_ids() of the input files."""
-    from stage_min.audio import check_writable, same_file
+    from stage_min.io.audio import check_writable, same_file
 
     done = []
     for what, path in outputs.items():
@@ -253,7 +253,7 @@ def caption(args):
         return
     if args.prompt:
         raise ValueError("give --prompt (free text) or --genres/--moods (the STAGE caption form), not both")
-    from stage_min.captions import stage_caption
+    from stage_min.train.captions import stage_caption
 
     args.prompt = stage_caption(args.genres, args.moods)
     print(f"caption: {args.prompt!r}", file=sys.stderr)
@@ -262,7 +262,7 @@ def caption(args):
 def check_options(args):
     """Everything that can be checked without reading audio or loading a model, so that bad input
     fails at once."""
-    from stage_min.audio import check_input_file
+    from stage_min.io.audio import check_input_file
 
     check_numbers(args)
     check_modes(args)
@@ -283,7 +283,7 @@ def read_song(path, max_seconds=None):
     """Mono 32 kHz audio, checked to be long enough and not silent. max_seconds: a partial read."""
     import numpy as np
 
-    from stage_min.audio import AudioError, load_audio
+    from stage_min.io.audio import AudioError, load_audio
 
     audio = load_audio(path, SAMPLE_RATE, max_seconds=max_seconds)
     if len(audio) < HOP:
@@ -301,13 +301,13 @@ def read_context(args):
         audio = read_song(args.context)
         return audio, len(audio) // HOP
     if args.context:
-        from stage_min.audio import audio_seconds
+        from stage_min.io.audio import audio_seconds
 
         total = int(audio_seconds(args.context) * SAMPLE_RATE) // HOP
         audio = read_song(args.context, max_seconds=args.duration + 2 / FRAME_RATE)
         return audio, max(total, len(audio) // HOP)
     if args.bpm is not None:
-        from stage_min.metronome import metronome
+        from stage_min.io.metronome import metronome
 
         audio = metronome(args.bpm, args.duration, args.beats_per_bar, args.offset, SAMPLE_RATE)
         return audio, len(audio) // HOP
@@ -357,13 +357,13 @@ def load_models(args, stage: bool = True) -> dict:
     """Stem name -> MusicGen, every model loaded before any generation (a bad path fails at once)."""
     import torch
 
-    from stage_min.pipeline import MusicGen
+    from stage_min.io.pretrained import from_pretrained
 
     device = pick_device(args)
     models = {}
     for name, path in args.stem_models.items():
         path = model_path(path)
-        model = MusicGen.from_pretrained(path, device=device, dtype=getattr(torch, args.dtype), stage=stage, t5=args.t5)
+        model = from_pretrained(path, device=device, dtype=getattr(torch, args.dtype), stage=stage, t5=args.t5)
         if stage and model.context_token_added:
             print(f"warning: {path} is a plain MusicGen, not a STAGE model: its context token is untrained, "
                   "so the stem will not follow the context", file=sys.stderr)
@@ -378,7 +378,7 @@ def write_outputs(paths: dict, stems: dict, mix_path, mix, interrupted, sample_r
     nothing after a Ctrl-C (even one a library swallowed)."""
     import numpy as np
 
-    from stage_min.audio import save_audio
+    from stage_min.io.audio import save_audio
 
     stems = {name: np.asarray(audio, dtype=np.float32) for name, audio in stems.items()}
     mix = None if mix is None else np.asarray(mix, dtype=np.float32)
@@ -414,7 +414,7 @@ def accompany(models: dict, songs: list, args, continuations=None) -> list:
 
 def run_song(args, context, interrupted):
     """A stem (or a stack) exactly as long as the context or click track, however long."""
-    from stage_min.audio import AudioError, load_audio
+    from stage_min.io.audio import AudioError, load_audio
 
     continuation = None
     if args.continuation:
@@ -431,7 +431,7 @@ def run_folder(args, interrupted):
     """Every audio file of the --context folder, --batch songs at a time; unreadable files skipped."""
     import soundfile as sf
 
-    from stage_min.audio import AudioError
+    from stage_min.io.audio import AudioError
 
     outputs = folder_outputs(folder_files(args.context), args.out)
     files, skipped = [], 0
@@ -515,8 +515,8 @@ def main(argv=None):
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # every failure a user can cause ends in one line, never a traceback
-        from stage_min.audio import AudioError
-        from stage_min.loading import LoadError
+        from stage_min.io.audio import AudioError
+        from stage_min.io.loading import LoadError
 
         if not isinstance(e, (LoadError, AudioError, ValueError, OSError)):
             raise

@@ -18,12 +18,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from stage_min import data as D
-from stage_min import training as T
-from stage_min.audio import AudioError
-from stage_min.beats import check_tracker
-from stage_min.cli import OneLineParser, warnings_via_tqdm
-from stage_min.loading import LoadError
+from stage_min.train import data as D
+from stage_min.train import training as T
+from stage_min.io.audio import AudioError
+from stage_min.train.beats import check_tracker
+from stage_min.cli.options import OneLineParser, warnings_via_tqdm
+from stage_min.io.loading import LoadError
 
 
 # Defaults are the original STAGE recipe (REFERENCE.md section 8); each help says why one would change it.

@@ -20,7 +20,6 @@ from tqdm import tqdm
 from . import delay
 from .generate import SamplingConfig, compiled_step, generate_tokens
 from .stage import generation_rows
-from .training import encode_contexts
 
 
 def plan_windows(n_frames: int, n_given: int, window: int, overlap: int) -> list[tuple[int, int, int]]:
@@ -57,6 +56,22 @@ def _as_numpy(audio) -> np.ndarray:
     if audio.ndim != 1 or audio.size == 0:
         raise ValueError(f"a song is mono audio of shape (samples,), got shape {audio.shape}")
     return audio
+
+
+@torch.no_grad()
+def encode_contexts(codec, audios: list, special: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context audios (whole frames each) -> codes (B, K, C) right-aligned and lengths (B,).
+    Contexts of equal length are encoded as one batch; no row is ever padded with silence before
+    encoding, so each row's codes are exactly those of encoding it alone (as at inference)."""
+    lengths = [len(a) // codec.hop for a in audios]
+    C = max(lengths)
+    out = torch.full((len(audios), codec.n_codebooks, C), special, dtype=torch.long, device=device)
+    for n in sorted(set(lengths)):
+        rows = [i for i, m in enumerate(lengths) if m == n]
+        x = torch.from_numpy(np.stack([audios[i][: n * codec.hop] for i in rows])).to(device)[:, None]
+        codes = codec.encode(x)[..., :n]
+        out[rows, :, C - n:] = codes.long()
+    return out, torch.tensor(lengths, device=device)
 
 
 def _window_rows(model, songs, stems, windows, guidance, drop_context=False):

@@ -3,7 +3,7 @@ import logging
 
 import pytest
 
-from stage_min import tiny
+from stage_min.toy import tiny
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
@@ -24,10 +24,10 @@ def tiny_hf(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stage_run(tiny_hf, tmp_path_factory):
     """A STAGE checkpoint in our native layout (LM with the context token; T5/EnCodec from the base)."""
-    from stage_min.loading import save_native
-    from stage_min.pipeline import MusicGen
+    from stage_min.io.loading import save_native
+    from stage_min.io.pretrained import from_pretrained
 
-    model = MusicGen.from_pretrained(str(tiny_hf[0]), stage=True)
+    model = from_pretrained(str(tiny_hf[0]), stage=True)
     run = tmp_path_factory.mktemp("stage_run")
     save_native(run, model.lm.state_dict(), model.lm.cfg, base=str(tiny_hf[0]))
     return run

@@ -29,11 +29,11 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def stage_model(tiny_hf, tmp_path_factory):
     """A tiny random STAGE checkpoint (the tiny MusicGen with its context token, in our layout)."""
-    from stage_min.formats import export_native
-    from stage_min.pipeline import MusicGen
+    from stage_min.io.formats import export_native
+    from stage_min.io.pretrained import from_pretrained
 
     folder = tmp_path_factory.mktemp("app") / "stage-tiny"
-    export_native(MusicGen.from_pretrained(str(tiny_hf[0]), stage=True), folder)
+    export_native(from_pretrained(str(tiny_hf[0]), stage=True), folder)
     return folder
 
 
@@ -212,7 +212,7 @@ def no_progress(*args, **kwargs):
 
 
 def test_prompt_helper_builds_the_official_caption_form():
-    from stage_min.app import build_prompt
+    from stage_min.app.page import build_prompt
 
     assert build_prompt("rock,  indie", "groovy", "") == "Genres: rock, indie. Moods: groovy. "
     assert build_prompt("", " calm ; relaxed ", " soft brushes ") == "Moods: calm, relaxed. soft brushes"
@@ -224,7 +224,7 @@ def test_sampling_fields_start_at_the_models_own(stage_model, tmp_path):
     the page says so; a model without one keeps MusicGen's defaults and no notice."""
     import json
 
-    from stage_min import app
+    from stage_min.app import page as app
 
     folder = tmp_path / "own"
     shutil.copytree(stage_model, folder)
@@ -244,7 +244,7 @@ def test_sampling_fields_start_at_the_models_own(stage_model, tmp_path):
 
 
 def test_click_track_generation_writes_stem_and_mix(stage_model):
-    from stage_min import app
+    from stage_min.app import page as app
 
     generator = app.Generator()
     try:
@@ -263,7 +263,7 @@ def test_click_track_generation_writes_stem_and_mix(stage_model):
 
 
 def test_stacked_stems_each_hear_the_ones_before(stage_model):
-    from stage_min import app
+    from stage_min.app import page as app
 
     generator = app.Generator()
     try:
@@ -300,7 +300,7 @@ def test_stacked_stems_each_hear_the_ones_before(stage_model):
     (dict(stack="bass=weights/no-bass-model"), "Model folder weights/no-bass-model not found"),
 ])
 def test_bad_inputs_raise_page_messages(stage_model, inputs, message):
-    from stage_min import app
+    from stage_min.app import page as app
 
     args = dict(song=None, bpm=120, beats_per_bar=4, genres="", moods="", prompt="", model=str(stage_model), seconds=1.0,
                 guidance=3.0, top_k=250, temperature=1.0, seed=0) | inputs
@@ -310,7 +310,7 @@ def test_bad_inputs_raise_page_messages(stage_model, inputs, message):
 
 
 def test_generation_is_queued_one_at_a_time():
-    from stage_min import app
+    from stage_min.app import page as app
 
     generator = app.Generator()
     page = app.build_page(generator, "weights/stage-toy")

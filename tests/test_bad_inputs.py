@@ -18,9 +18,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from stage_min import convert, synth, tiny
-from stage_min import training as T
-from stage_min.loading import save_native
+from stage_min.io import convert
+from stage_min.toy import synth, tiny
+from stage_min.train import training as T
+from stage_min.io.loading import save_native
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -202,7 +203,7 @@ def test_sample_bad_models(inputs, capsys, context, model, message):
 
 
 def test_sample_unreadable_context(inputs, capsys, monkeypatch):
-    from stage_min import audio
+    from stage_min.io import audio
 
     if os.access(inputs / "locked.wav", os.R_OK):  # root reads any file: make the open fail as it would for a user
         def locked_open(path, *a, **kw):
@@ -368,7 +369,7 @@ def test_unusable_held_out_songs_say_validation_is_off(tiny_hf, dataset, tmp_pat
             for stem in song.glob("*.wav"):
                 sf.write(stem, np.zeros(3200, dtype=np.float32) + 0.1, 32000)
     argv = train_args(tiny_hf, data, tmp_path / "run", "--val-fraction", "0.5", "--seed", "2")
-    from stage_min import data as D
+    from stage_min.train import data as D
 
     train_songs, _ = D.split_songs(D.find_songs(data), 0.5, 2)
     assert "song_000" in [s.name for s in train_songs]  # the seed puts the one long song in training
@@ -395,8 +396,8 @@ def test_a_save_that_fails_at_any_file_boundary_keeps_the_previous_checkpoint(ti
     """Make each file operation of a save fail in turn (torch.save, each file written, each fsync,
     the rename, the pointer, the clean-up): the previous checkpoint stays complete and resumable."""
     lm, cfg, optimizer = lm_and_optimizer
-    from stage_min import loading
-    from stage_min.pipeline import MusicGen
+    from stage_min.io import loading
+    from stage_min.io.pretrained import from_pretrained
 
     boundaries = [(T.torch, "save"), (loading, "write_atomic"), (T, "_fsync"), (T.os, "rename"), (T, "write_atomic"),
                   (T, "remove_stale")]
@@ -435,7 +436,7 @@ def test_a_save_that_fails_at_any_file_boundary_keeps_the_previous_checkpoint(ti
             (run / "latest").write_text("step-00000001\n")  # back to step 1 for the next boundary
         T.remove_stale(run)  # what the next start does
         assert sorted(p.name for p in run.iterdir()) == ["latest", "step-00000001"], fail_at
-    model = MusicGen.from_pretrained(str(run))  # sample.py --model RUN follows the pointer
+    model = from_pretrained(str(run))  # sample.py --model RUN follows the pointer
     assert model.lm.cfg.dim == 32
 
 

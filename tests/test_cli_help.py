@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from stage_min.cli import OneLineParser
+from stage_min.cli.options import OneLineParser
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the scripts at the repository root import as modules
@@ -18,11 +18,13 @@ def _entry_points():
     import evaluate
     import sample
     import train
-    from stage_min import beats, convert, synth, tiny, toy
+    from stage_min.train import beat_check
+    from stage_min.io import convert
+    from stage_min.toy import synth, tiny, recipe as toy
 
     return {"sample.py": sample.parse_args, "train.py": train.parse_args, "evaluate.py": evaluate.parse_args,
-            "bench.py": bench.main, "app.py": app.parse_args, "stage_min.synth": synth.main, "stage_min.tiny": tiny.main,
-            "stage_min.convert": convert.main, "stage_min.toy": toy.main, "stage_min.beats": beats.main}
+            "bench.py": bench.main, "app.py": app.parse_args, "stage_min.toy.synth": synth.main, "stage_min.toy.tiny": tiny.main,
+            "stage_min.io.convert": convert.main, "stage_min.toy": toy.main, "stage_min.train.beat_check": beat_check.main}
 
 
 class Built(Exception):
@@ -49,8 +51,8 @@ def all_parsers(parser):
                 yield from all_parsers(sub)
 
 
-@pytest.mark.parametrize("name", ["sample.py", "train.py", "evaluate.py", "bench.py", "app.py", "stage_min.synth",
-                                  "stage_min.tiny", "stage_min.convert", "stage_min.toy", "stage_min.beats"])
+@pytest.mark.parametrize("name", ["sample.py", "train.py", "evaluate.py", "bench.py", "app.py", "stage_min.toy.synth",
+                                  "stage_min.toy.tiny", "stage_min.io.convert", "stage_min.toy", "stage_min.train.beat_check"])
 def test_every_option_has_help_and_default(name, monkeypatch):
     parser = build_parser(_entry_points()[name], monkeypatch)
     parsers = list(all_parsers(parser))
@@ -83,7 +85,7 @@ def test_formatter_shows_default_and_description_as_written(monkeypatch):
     assert "(default: None)" not in text and "(default: False)" not in text
 
 
-@pytest.mark.parametrize("command", [["train.py", "--help"], ["-m", "stage_min.convert", "--help"]])
+@pytest.mark.parametrize("command", [["train.py", "--help"], ["-m", "stage_min.io.convert", "--help"]])
 def test_help_in_a_process(command):
     r = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

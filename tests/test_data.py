@@ -4,8 +4,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from stage_min import data as D
-from stage_min.metronome import click_track
+from stage_min.train import data as D
+from stage_min.io.metronome import click_track
 
 SR, HOP = 32000, 640
 
@@ -211,7 +211,7 @@ def test_beat_tracker_runs_once_and_is_cached(tmp_path, monkeypatch):
 
 
 def test_librosa_beat_tracker_finds_a_steady_tempo():
-    from stage_min.metronome import metronome
+    from stage_min.io.metronome import metronome
 
     beats, down = D.track_beats(metronome(120, 8.0), SR)
     assert len(beats) >= 10 and down.sum() == len(range(0, len(beats) - int(np.argmax(down)), 4))
@@ -282,7 +282,7 @@ def test_split_is_deterministic_and_disjoint(tmp_path):
 def test_word_dropout_removes_words_at_the_given_rate():
     import numpy as np
 
-    from stage_min.training import drop_words
+    from stage_min.train.training import drop_words
 
     caption = " ".join(f"w{i}" for i in range(2000))
     kept = drop_words(caption, 0.3, np.random.default_rng(0)).split()
@@ -335,7 +335,7 @@ def test_silence_is_judged_over_the_whole_window(tmp_path):
 
 
 def test_augmentation_stretches_target_context_and_beats_alike(dataset):
-    from stage_min import augment
+    from stage_min.train import augment
 
     cfg = plain(target_seconds=1.0, context_min=1.0, context_max=1.0, p_metronome=0.0,
                 augment=True, p_speed=1.0, speed_min=0.8, speed_max=0.8, p_pitch=1.0, pitch_semitones=2)
@@ -364,7 +364,7 @@ def test_augmentation_stretches_target_context_and_beats_alike(dataset):
 
 
 def test_augmentation_draws_follow_the_probabilities():
-    from stage_min import augment
+    from stage_min.train import augment
 
     draws = [augment.draw(np.random.default_rng(i), 0.5, 0.8, 1.2, 0.5, 4) for i in range(400)]
     speed = [d.ratio for d in draws if d.ratio != 1.0]
@@ -375,9 +375,10 @@ def test_augmentation_draws_follow_the_probabilities():
 
 
 def test_librosa_downbeat_rule_on_synthetic_songs(tmp_path):
-    """The bar phase chosen by the low-frequency rule matches the annotated downbeats (stage_min.synth
+    """The bar phase chosen by the low-frequency rule matches the annotated downbeats (stage_min.toy.synth
     writes positions), with the annotated beat times and with librosa's own."""
-    from stage_min import beats, synth
+    from stage_min.train import beats
+    from stage_min.toy import synth
 
     rng = np.random.default_rng(5)
     songs = []
@@ -393,7 +394,7 @@ def test_librosa_downbeat_rule_on_synthetic_songs(tmp_path):
 def test_beat_this_is_optional_with_a_clear_error(monkeypatch):
     import sys
 
-    from stage_min import beats
+    from stage_min.train import beats
 
     monkeypatch.setitem(sys.modules, "beat_this", None)  # as if not installed
     with pytest.raises(ValueError, match="pip install beat-this") as e:

@@ -1,4 +1,4 @@
-"""evaluate.py and stage_min.evaluation: beat scores on click tracks, FAD/KAD, both experiments end to
+"""evaluate.py and stage_min.eval.evaluation: beat scores on click tracks, FAD/KAD, both experiments end to
 end on a tiny random STAGE checkpoint, and every bad input."""
 import csv
 import importlib.util
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from stage_min import evaluation as E
-from stage_min.metronome import beat_times, metronome
+from stage_min.eval import evaluation as E
+from stage_min.io.metronome import beat_times, metronome
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -46,7 +46,7 @@ def test_f_measure_edge_cases_and_one_tracker_for_training_data():
     assert np.isnan(E.f_measure([], [1.0, 2.0]))  # no reference: undefined, left out of means
     assert E.f_measure([1.0, 2.0], []) == 0.0
     assert np.isnan(E.tempo_of([1.0]))
-    from stage_min import data as D
+    from stage_min.train import data as D
 
     click = metronome(120, 4.0)  # training data's tracker adds downbeats; its beat times are evaluation's
     assert np.array_equal(D.track_beats(click, SR)[0], E.track_beats(click, SR))
@@ -73,7 +73,7 @@ def test_fad_and_kad_near_zero_for_the_same_set_and_grow_with_noise():
 # ---- end to end on a tiny random checkpoint -------------------------------------------------------
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from stage_min.synth import write_dataset
+    from stage_min.toy.synth import write_dataset
 
     return write_dataset(tmp_path_factory.mktemp("songs"), 3, seconds=3.0)
 
@@ -116,7 +116,7 @@ def test_accompany_end_to_end(stage_run, dataset, tmp_path, capsys):
                    "--seconds", "1.5", "--out", str(out)])
     assert "fad_encodec" in capsys.readouterr().out
     results, table = read_outputs(out)
-    from stage_min.data import find_songs, split_songs
+    from stage_min.train.data import find_songs, split_songs
 
     _, held = split_songs(find_songs(dataset), 0.1, 0)  # train.py's defaults
     assert [r["song"] for r in results["rows"]] == [s.name for s in held] and results["n_songs"] == len(held)
@@ -135,9 +135,9 @@ def test_accompany_end_to_end(stage_run, dataset, tmp_path, capsys):
 
 
 def test_codec_embeddings_are_pre_quantisation_latents_per_frame(stage_run):
-    from stage_min.pipeline import MusicGen
+    from stage_min.io.pretrained import from_pretrained
 
-    model = MusicGen.from_pretrained(str(stage_run))
+    model = from_pretrained(str(stage_run))
     emb = E.codec_embeddings(model, [np.zeros(640 * 10, np.float32), 0.1 * np.ones(640 * 5, np.float32)])
     assert emb.shape == (15, model.codec.model.config.hidden_size)
 

@@ -15,11 +15,12 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from stage_min import delay, original
-from stage_min.convert import main as convert_main
-from stage_min.formats import detect_layout, export_hf, export_native
-from stage_min.loading import LoadError
-from stage_min.pipeline import MusicGen
+from stage_min import delay
+from stage_min.eval import original
+from stage_min.io.convert import main as convert_main
+from stage_min.io.formats import detect_layout, export_hf, export_native
+from stage_min.io.loading import LoadError
+from stage_min.io.pretrained import from_pretrained
 from stage_min.stage import build_sequence
 
 PROMPT = ["funky drums with a tight snare"]
@@ -119,7 +120,7 @@ def random_grid(n_frames=12, seed=0):
 def test_audiocraft_layout_matches_transformers(tiny_hf, audiocraft_dir, t5_dir):
     hf = tiny_hf[1]
     assert detect_layout(str(audiocraft_dir))[0] == "audiocraft"
-    ours = MusicGen.from_pretrained(str(audiocraft_dir), t5=str(t5_dir))
+    ours = from_pretrained(str(audiocraft_dir), t5=str(t5_dir))
     assert (ours.lm.cfg.dim, ours.lm.cfg.n_layers, ours.lm.cfg.n_heads) == (64, 2, 4)  # heads from xp.cfg
     grid = random_grid()
     expected = hf_logits(hf, ours, grid)
@@ -138,14 +139,14 @@ def test_audiocraft_errors_name_the_problem(tiny_hf, audiocraft_dir, t5_dir, tmp
     pkg["best_state"].pop("transformer.layers.1.linear2.weight")
     torch.save(pkg, broken / "state_dict.bin")
     with pytest.raises(LoadError, match="missing key transformer.layers.1.linear2.weight"):
-        MusicGen.from_pretrained(str(broken), t5=str(t5_dir))
+        from_pretrained(str(broken), t5=str(t5_dir))
     (broken / "compression_state_dict.bin").unlink()
     shutil.copy(audiocraft_dir / "state_dict.bin", broken)
     with pytest.raises(LoadError, match="compression_state_dict.bin is missing"):
-        MusicGen.from_pretrained(str(broken), t5=str(t5_dir))
+        from_pretrained(str(broken), t5=str(t5_dir))
     shutil.copy(audiocraft_dir / "compression_state_dict.bin", broken)
     with pytest.raises(LoadError, match="not a T5 model folder"):
-        MusicGen.from_pretrained(str(broken), t5=str(tiny_hf[0]))  # a MusicGen folder, not t5
+        from_pretrained(str(broken), t5=str(tiny_hf[0]))  # a MusicGen folder, not t5
 
 
 # ---- official STAGE (x-transformers 1.26.0) ------------------------------------------------------
@@ -182,7 +183,7 @@ def stage_rows(model, n_context=5, n_target=6):
 def test_stage_checkpoint_matches_x_transformers(stage_ckpt, tiny_hf, t5_dir):
     path, decoder, output_proj = stage_ckpt
     assert detect_layout(str(path)) == ("stage", path)
-    ours = MusicGen.from_pretrained(str(path), t5=str(t5_dir))
+    ours = from_pretrained(str(path), t5=str(t5_dir))
     cfg = ours.lm.cfg
     assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.vocab_in) == (128, 2, 2, 2050)
     assert cfg.zero_special_row and not cfg.attend_start_step
@@ -220,7 +221,7 @@ def test_original_sampling_loop_and_ours_pick_the_same_tokens(stage_ckpt, tiny_h
     from stage_min.stage import generation_rows
 
     path, decoder, output_proj = stage_ckpt
-    ours = MusicGen.from_pretrained(str(path), t5=str(t5_dir))
+    ours = from_pretrained(str(path), t5=str(t5_dir))
     context = torch.randint(0, 2048, (1, 4, 7), generator=torch.Generator().manual_seed(5))
     grid, known, keep, _ = generation_rows(context, torch.tensor([7]), 9, 2048, 2049, guidance=True)
     text, mask = ours.text_condition(PROMPT)
@@ -237,9 +238,9 @@ def test_original_sampling_loop_and_ours_pick_the_same_tokens(stage_ckpt, tiny_h
 
 @torch.no_grad()
 def test_stage_exports_native_not_hf(stage_ckpt, t5_dir, tmp_path):
-    ours = MusicGen.from_pretrained(str(stage_ckpt[0]), t5=str(t5_dir))
+    ours = from_pretrained(str(stage_ckpt[0]), t5=str(t5_dir))
     export_native(ours, tmp_path / "native")
-    again = MusicGen.from_pretrained(str(tmp_path / "native"))  # self-contained: no t5, no base
+    again = from_pretrained(str(tmp_path / "native"))  # self-contained: no t5, no base
     assert again.lm.cfg == ours.lm.cfg
     seq, text, text_mask = stage_rows(ours)
     assert torch.equal(again.lm(seq.grid, text, text_mask, seq.keep), ours.lm(seq.grid, text, text_mask, seq.keep))
@@ -260,7 +261,7 @@ class NotATensor:
 @pytest.fixture(scope="module")
 def stage_reference(stage_ckpt, t5_dir):
     """The safetensors STAGE file's model, rows and logits, to compare every other file form with."""
-    model = MusicGen.from_pretrained(str(stage_ckpt[0]), t5=str(t5_dir))
+    model = from_pretrained(str(stage_ckpt[0]), t5=str(t5_dir))
     seq, text, text_mask = stage_rows(model)
     with torch.no_grad():
         return seq, text, text_mask, model.lm(seq.grid, text, text_mask, seq.keep)
@@ -283,7 +284,7 @@ def test_stage_checkpoint_in_every_file_form_gives_the_same_logits(name, form, s
     else:
         torch.save(state, path, _use_new_zipfile_serialization=form != "legacy pickle")
     assert detect_layout(str(path)) == ("stage", path)
-    model = MusicGen.from_pretrained(str(path), t5=str(t5_dir))
+    model = from_pretrained(str(path), t5=str(t5_dir))
     assert model.layout == "stage" and model.lm.cfg.zero_special_row and not model.lm.cfg.attend_start_step
     seq, text, text_mask, expected = stage_reference
     assert torch.equal(model.lm(seq.grid, text, text_mask, seq.keep), expected)
@@ -295,7 +296,7 @@ def test_stage_pickle_with_objects_is_refused_not_run(stage_ckpt, t5_dir, tmp_pa
     path = tmp_path / "stage-drums.ckpt"
     torch.save({"state_dict": load_file(str(stage_ckpt[0])), "hyper_parameters": NotATensor()}, path)
     with pytest.raises(LoadError, match=r"stage-drums\.ckpt: refused: it pickles Python objects \(test_formats\.NotATensor\)") as e:
-        MusicGen.from_pretrained(str(path), t5=str(t5_dir))
+        from_pretrained(str(path), t5=str(t5_dir))
     assert "\n" not in str(e.value)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 64)
@@ -312,13 +313,13 @@ def test_stage_pickle_with_objects_is_refused_not_run(stage_ckpt, t5_dir, tmp_pa
 def test_export_hf_reloads_in_transformers(audiocraft_dir, t5_dir, tmp_path):
     from transformers import MusicgenForConditionalGeneration
 
-    ours = MusicGen.from_pretrained(str(audiocraft_dir), t5=str(t5_dir))
+    ours = from_pretrained(str(audiocraft_dir), t5=str(t5_dir))
     export_hf(ours, tmp_path / "hf")
     hf = MusicgenForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
     grid = random_grid(seed=5)
     expected = our_logits(ours, grid)
     assert (hf_logits(hf, ours, grid) - expected).abs().max().item() <= TOL
-    assert (our_logits(MusicGen.from_pretrained(str(tmp_path / "hf")), grid) - expected).abs().max().item() <= TOL
+    assert (our_logits(from_pretrained(str(tmp_path / "hf")), grid) - expected).abs().max().item() <= TOL
     audio = torch.randn(1, 1, 6400, generator=torch.Generator().manual_seed(2))
     assert torch.equal(hf.audio_encoder.encode(audio, bandwidth=2.2).audio_codes[0], ours.codec.encode(audio))
     # transformers' generate() gets MusicGen's sampling defaults, and the files ordinary permissions
@@ -333,19 +334,19 @@ def test_export_hf_reloads_in_transformers(audiocraft_dir, t5_dir, tmp_path):
 # ---- the converter command ----------------------------------------------------------------------
 def test_convert_cli_end_to_end(audiocraft_dir, t5_dir, tmp_path):
     dst = tmp_path / "native"
-    run = subprocess.run([sys.executable, "-m", "stage_min.convert", str(audiocraft_dir), str(dst), "--t5", str(t5_dir)],
+    run = subprocess.run([sys.executable, "-m", "stage_min.io.convert", str(audiocraft_dir), str(dst), "--t5", str(t5_dir)],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "audiocraft -> native" in run.stdout
     grid = random_grid(seed=7)
-    expected = our_logits(MusicGen.from_pretrained(str(audiocraft_dir), t5=str(t5_dir)), grid)
-    assert torch.equal(our_logits(MusicGen.from_pretrained(str(dst)), grid), expected)
+    expected = our_logits(from_pretrained(str(audiocraft_dir), t5=str(t5_dir)), grid)
+    assert torch.equal(our_logits(from_pretrained(str(dst)), grid), expected)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "weights.npz").write_bytes(b"x")
-    run = subprocess.run([sys.executable, "-m", "stage_min.convert", str(junk), str(tmp_path / "out")], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "stage_min.io.convert", str(junk), str(tmp_path / "out")], capture_output=True, text=True)
     assert run.returncode == 2
     assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
     assert "unrecognised checkpoint layout" in run.stderr and "weights.npz" in run.stderr

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from stage_min.generate import SamplingConfig
-from stage_min.loading import LoadError
-from stage_min.pipeline import MusicGen
+from stage_min.io.loading import LoadError
+from stage_min.io.pretrained import from_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,10 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def bundled(stage_run, tmp_path_factory):
     """A self-contained STAGE folder (LM, T5 and codec in one), as the toy is shipped."""
-    from stage_min.formats import export_native
+    from stage_min.io.formats import export_native
 
     folder = tmp_path_factory.mktemp("bundled") / "model"
-    export_native(MusicGen.from_pretrained(str(stage_run)), folder)
+    export_native(from_pretrained(str(stage_run)), folder)
     return folder
 
 
@@ -36,8 +36,8 @@ def with_sampling(bundled, tmp_path, section):
 
 
 def test_config_sampling_is_the_models_default(bundled, tmp_path):
-    assert MusicGen.from_pretrained(str(bundled)).sampling == SamplingConfig()  # none given: MusicGen's defaults
-    model = MusicGen.from_pretrained(str(with_sampling(bundled, tmp_path, {"temperature": 0.5, "top_k": 1})))
+    assert from_pretrained(str(bundled)).sampling == SamplingConfig()  # none given: MusicGen's defaults
+    model = from_pretrained(str(with_sampling(bundled, tmp_path, {"temperature": 0.5, "top_k": 1})))
     assert model.sampling == SamplingConfig(temperature=0.5, top_k=1)
     # what a user gives wins, the rest stays the model's
     assert model.sampling_with(temperature=None, top_k=7, cfg_coef=None) == SamplingConfig(temperature=0.5, top_k=7)
@@ -52,14 +52,14 @@ def test_config_sampling_is_the_models_default(bundled, tmp_path):
 
 
 def test_export_keeps_the_models_sampling(bundled, tmp_path):
-    from stage_min.formats import export_native
+    from stage_min.io.formats import export_native
 
-    model = MusicGen.from_pretrained(str(with_sampling(bundled, tmp_path, {"temperature": 0.6})))
+    model = from_pretrained(str(with_sampling(bundled, tmp_path, {"temperature": 0.6})))
     export_native(model, tmp_path / "exported")
     config = json.loads((tmp_path / "exported" / "config.json").read_text())
     assert config["sampling"] == {"temperature": 0.6}
-    assert MusicGen.from_pretrained(str(tmp_path / "exported")).sampling.temperature == 0.6
-    plain = MusicGen.from_pretrained(str(bundled))
+    assert from_pretrained(str(tmp_path / "exported")).sampling.temperature == 0.6
+    plain = from_pretrained(str(bundled))
     export_native(plain, tmp_path / "plain")
     assert "sampling" not in json.loads((tmp_path / "plain" / "config.json").read_text())
 
@@ -75,7 +75,7 @@ def test_export_keeps_the_models_sampling(bundled, tmp_path):
 ])
 def test_bad_sampling_section_is_a_load_error(bundled, tmp_path, section, message):
     with pytest.raises(LoadError, match="'sampling'") as e:
-        MusicGen.from_pretrained(str(with_sampling(bundled, tmp_path, section)))
+        from_pretrained(str(with_sampling(bundled, tmp_path, section)))
     assert message in str(e.value)
 
 

@@ -4,7 +4,7 @@ import torch
 
 from stage_min import delay
 from stage_min.generate import SamplingConfig
-from stage_min.pipeline import MusicGen
+from stage_min.io.pretrained import from_pretrained
 
 PROMPTS = ["funky drums", "deep bass line in a minor key with brushes on the snare"]
 
@@ -12,7 +12,7 @@ PROMPTS = ["funky drums", "deep bass line in a minor key with brushes on the sna
 @pytest.fixture(scope="module")
 def pair(tiny_hf):
     folder, hf = tiny_hf
-    return MusicGen.from_pretrained(str(folder)), hf
+    return from_pretrained(str(folder)), hf
 
 
 def hf_teacher_forced(hf, ids, mask, grid):

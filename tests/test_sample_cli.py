@@ -47,7 +47,7 @@ def test_bad_options_fail_with_one_line(tiny_hf, tmp_path, args, message):
 def test_genres_and_moods_build_the_stage_caption(tmp_path, capsys):
     sys.path.insert(0, str(ROOT))
     import sample
-    from stage_min.captions import stage_caption
+    from stage_min.train.captions import stage_caption
 
     assert stage_caption("rock, indie", "energetic") == "Genres: rock, indie. Moods: energetic. "
     assert stage_caption(" Rock ,Alternative Rock,, Pop Rock", " happy,love ") == \

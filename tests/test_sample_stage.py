@@ -12,6 +12,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sample  # noqa: E402
+from stage_min.io.pretrained import from_pretrained  # noqa: E402
 
 
 def song(path, seconds=0.6, sr=44100, channels=2):
@@ -149,7 +150,7 @@ def test_text_only_generation_with_a_stage_model_has_the_separator(stage_run, ti
     K, n, P, X = 4, 6, 2048, 2049
     sampling = SamplingConfig(cfg_coef=guidance)
     rows = 2 if guidance != 1.0 else 1
-    model = pipeline.MusicGen.from_pretrained(str(stage_run))
+    model = from_pretrained(str(stage_run))
     _, codes = model.generate(["funky drums"], n, sampling, seed=0)
     grid, known, keep, out = seen[-1]
     expected = torch.full((K, 1 + n + K), P)  # start step, then the separator staggered by the delay
@@ -165,7 +166,7 @@ def test_text_only_generation_with_a_stage_model_has_the_separator(stage_run, ti
     assert (out[:, target] < P).all()
     assert torch.equal(codes, delay.deinterleave(out)[:, :, 1:]) and codes.shape == (1, K, n)
 
-    plain = pipeline.MusicGen.from_pretrained(str(tiny_hf[0]))
+    plain = from_pretrained(str(tiny_hf[0]))
     _, codes = plain.generate(["funky drums"], n, sampling, seed=0)
     grid, known, keep, out = seen[-1]
     assert grid.shape == (rows, K, n + K) and not (grid == X).any() and not (out == X).any() and keep is None

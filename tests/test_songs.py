@@ -12,7 +12,7 @@ import torch
 
 from stage_min import delay, songs
 from stage_min.generate import SamplingConfig
-from stage_min.training import encode_contexts
+from stage_min.songs import encode_contexts
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,7 +32,7 @@ def tone(seconds, sr=SR, f0=110.0, extra=0):
 def hearing(tiny_hf, tmp_path_factory):
     """The tiny model with a codec that hears its input (tiny.make_codec_hear): different audio, different
     codes, so that what a context holds can be checked. Returns its folder."""
-    from stage_min import tiny
+    from stage_min.toy import tiny
 
     folder = tmp_path_factory.mktemp("hearing") / "model"
     shutil.copytree(tiny_hf[0], folder)
@@ -47,9 +47,9 @@ def hearing(tiny_hf, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stage_model(hearing):
-    from stage_min.pipeline import MusicGen
+    from stage_min.io.pretrained import from_pretrained
 
-    return MusicGen.from_pretrained(str(hearing), stage=True)
+    return from_pretrained(str(hearing), stage=True)
 
 
 def capture_calls(monkeypatch):

@@ -4,8 +4,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from stage_min import metronome
-from stage_min.audio import AudioError, load_audio, peak_normalize
+from stage_min.io import metronome
+from stage_min.io.audio import AudioError, load_audio, peak_normalize
 from stage_min.model import LMConfig, MusicGenLM
 from stage_min.stage import build_sequence, generation_rows
 
@@ -151,8 +151,8 @@ def test_peak_normalize_only_scales_down():
 def test_outputs_get_ordinary_permissions(tmp_path):
     import os
 
-    from stage_min.audio import save_audio
-    from stage_min.loading import write_atomic
+    from stage_min.io.audio import save_audio
+    from stage_min.io.loading import write_atomic
 
     umask = os.umask(0o022)
     try:

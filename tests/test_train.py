@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import build_tiny_hf
-from stage_min import synth, tiny
-from stage_min import training as T
+from stage_min.toy import synth, tiny
+from stage_min.train import training as T
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -74,9 +74,9 @@ def test_checkpoint_loads_and_resume_matches_uninterrupted(setup, tmp_path, monk
     assert any("loss" in r for r in records) and any("val_loss" in r and "val_loss_nocontext" in r for r in records)
     assert not list(full.glob(".*"))  # atomic writes leave no temporary files
 
-    from stage_min.pipeline import MusicGen
+    from stage_min.io.pretrained import from_pretrained
 
-    model = MusicGen.from_pretrained(str(full))  # what sample.py --model does
+    model = from_pretrained(str(full))  # what sample.py --model does
     assert model.lm.cfg.n_special == 2 and model.lm.cfg.dim == 64
     for k in range(4):  # after 5 steps at lr 1e-3 with weight decay, the special row is still exactly zero
         assert model.lm.embed[k].weight[2048].abs().max() == 0
@@ -125,7 +125,7 @@ def test_small_preset_starts_from_the_base_lm_with_a_context_token(setup, tmp_pa
     run = tmp_path / "small"
     a = [x for x in args(setup, run, steps=1) if x not in ("--dim", "--layers", "--heads", "64", "2")]
     train.main([*a, "--preset", "small", "--lr", "1e-12"])  # one step that barely moves the weights
-    from stage_min.loading import read_state_dict
+    from stage_min.io.loading import read_state_dict
 
     ref = read_state_dict(base)["decoder.model.decoder.embed_tokens.0.weight"]  # (2049, 64)
     emb = lm_weights(run)["lm.embed.0.weight"]
@@ -259,7 +259,7 @@ def test_stage_effect_context_lowers_target_loss(setup, tmp_path):
 
 
 def test_fp16_scaler_state_is_plain_numbers_and_loads_weights_only(tmp_path):
-    from stage_min.loading import safe_torch_load
+    from stage_min.io.loading import safe_torch_load
 
     w = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.AdamW([w], lr=1e-3)
@@ -284,11 +284,11 @@ def test_code_cache_cuts_the_same_windows_and_trains(setup, tmp_path):
     run with it trains; with augmentation on it is refused."""
     import numpy as np
 
-    from stage_min import data as D
-    from stage_min.pipeline import MusicGen
+    from stage_min.train import data as D
+    from stage_min.io.pretrained import from_pretrained
 
     base, data = setup
-    model = MusicGen.from_pretrained(str(base))
+    model = from_pretrained(str(base))
     codec = model.codec
     cfg = D.DataConfig(target="drums", target_seconds=1.0, context_min=1.0, context_max=1.0, p_full_context=0,
                        augment=False, p_metronome=0.5)

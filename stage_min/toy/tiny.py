@@ -1,7 +1,7 @@
 """A tiny random MusicGen in the transformers layout: try the whole pipeline offline, in seconds.
 
-    python -m stage_min.tiny weights/tiny-base                   # random weights
-    python -m stage_min.tiny weights/tiny-base --hear data/synth  # and a codec that hears that audio
+    python -m stage_min.toy.tiny weights/tiny-base                   # random weights
+    python -m stage_min.toy.tiny weights/tiny-base --hear data/synth  # and a codec that hears that audio
 
 It holds everything a real checkpoint holds (T5 encoder, EnCodec 32 kHz with 4 codebooks of 2048,
 the decoder, a sentencepiece model with t5's special ids), only very small and untrained: use it
@@ -17,7 +17,7 @@ import sentencepiece as spm
 import soundfile as sf
 import torch
 
-from .cli import OneLineParser
+from ..cli.options import OneLineParser
 
 CORPUS = [
     "funky drums with a tight snare", "deep bass line in a minor key", "ambient pads and soft piano",
@@ -111,8 +111,8 @@ def make_codec_hear(folder, audio_files, seed=0, n_distinct=(32, 2, 2, 2)):
 def main(argv=None):
     from transformers.utils import logging as hf_logging
 
-    from .formats import _write_folder, check_new_folder
-    from .loading import LoadError
+    from ..io.formats import _write_folder, check_new_folder
+    from ..io.loading import LoadError
 
     hf_logging.set_verbosity_error()  # a tool's output: its result or one error line, not transformers' chatter
     hf_logging.disable_progress_bar()

@@ -35,10 +35,10 @@ import time
 from pathlib import Path
 
 from . import synth
-from .cli import OneLineParser
+from ..cli.options import OneLineParser
 from .codec_train import CodecTrainConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WINDOW_SECONDS = 2.0  # context and target window: target frame t sits 101 steps after context frame t
 ACCOMPANY_SECONDS = 4.0  # the accompaniment evaluation's stems: two windows of each held-out 6 s song
 VAL_FRACTION = 0.02  # 20 of 1000 songs held out, for the accompaniment evaluation (and 60 of the fresh ones)
@@ -101,7 +101,7 @@ def train_lm(run: Path, songs: Path, base: Path, steps: int, seed: int, cooldown
            "--max-steps", str(steps), "--seed", str(seed), *TRAIN_OPTIONS]
     if cooldown[0]:
         cmd += ["--cooldown-steps", str(cooldown[0]), "--cooldown-lr", f"{cooldown[1]:g}"]
-    from .training import latest_checkpoint
+    from ..train.training import latest_checkpoint
 
     done = latest_checkpoint(run)
     if done is not None:
@@ -113,12 +113,12 @@ def train_lm(run: Path, songs: Path, base: Path, steps: int, seed: int, cooldown
 
 
 def package(run: Path, out: Path):
-    from .formats import export_native
-    from .generate import SamplingConfig
-    from .loading import follow_latest
-    from .pipeline import MusicGen
+    from ..io.formats import export_native
+    from ..generate import SamplingConfig
+    from ..io.loading import follow_latest
+    from ..io.pretrained import from_pretrained
 
-    model = MusicGen.from_pretrained(str(run))
+    model = from_pretrained(str(run))
     model.sampling = SamplingConfig(temperature=TEMPERATURE)
     step = json.loads((follow_latest(run) / "config.json").read_text()).get("step")
     export_native(model, out, extra={"window_seconds": WINDOW_SECONDS, "trained_steps": step}, dtype="float16")
@@ -127,10 +127,10 @@ def package(run: Path, out: Path):
 def evaluate_model(model_dir: Path, songs: Path, out: Path, seed: int) -> dict:
     """The tempo experiment (click tracks at 80-170 BPM, TEMPO_SEEDS seeds, 8 s) and accompaniment of held-out
     songs (bass + chords as the context, 4 s), each beside its context-dropped baseline (evaluate.py's)."""
-    from . import evaluation as E
-    from .pipeline import MusicGen
+    from ..eval import evaluation as E
+    from ..io.pretrained import from_pretrained
 
-    model = MusicGen.from_pretrained(str(model_dir))
+    model = from_pretrained(str(model_dir))
     tempo = E.tempo_experiment(model, list(range(80, 171, 10)), TEMPO_SEEDS, 8.0, "", out / "tempo")
     E.write_results(tempo, out / "tempo")
     E.write_report(tempo, out / "tempo")
@@ -172,7 +172,7 @@ def main(argv=None):
         p.error(f"--cooldown-lr must be > 0 and < 1, got {a.cooldown_lr:g}")
     if not 0 < a.song_seconds <= synth.MAX_SECONDS:  # NaN fails too
         p.error(f"--song-seconds must be > 0 and at most {synth.MAX_SECONDS:g}, got {a.song_seconds:g}")
-    from .formats import LoadError, check_new_folder
+    from ..io.formats import LoadError, check_new_folder
 
     try:  # found now, not after an hour of training
         check_new_folder(a.out)

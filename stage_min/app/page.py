@@ -21,10 +21,10 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .audio import AudioError, load_audio, save_audio  # noqa: E402
-from .loading import LoadError  # noqa: E402
+from ..io.audio import AudioError, load_audio, save_audio  # noqa: E402
+from ..io.loading import LoadError  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = "weights/stage-toy"  # the shipped toy STAGE model (drums; 2 s windows)
 SAMPLE_RATE = 32000  # EnCodec 32 kHz
 FRAME_RATE = 50
@@ -76,7 +76,7 @@ def parse_stack(text: str) -> tuple[tuple[str, str], ...]:
 def check_request(song, bpm, beats_per_bar, prompt, model, seconds, guidance, top_k, temperature, seed, stack="") -> Request:
     """Every input that can be checked before loading anything; a bad one raises gr.Error (a message
     in the page). The same rules as sample.py's options."""
-    from .generate import SamplingConfig
+    from ..generate import SamplingConfig
 
     bpm = bpm or None  # the field shows 0 when empty: no click track
     seed = None if seed is None or seed == -1 else seed
@@ -134,8 +134,8 @@ def recommended_sampling(name: str):
     read without loading the model, to fill the Sampling fields."""
     import json
 
-    from .generate import SamplingConfig
-    from .pipeline import recommended_sampling as from_config
+    from ..generate import SamplingConfig
+    from ..io.pretrained import recommended_sampling as from_config
 
     try:
         config = json.loads((Path(model_location(name)) / "config.json").read_text())
@@ -155,7 +155,7 @@ def model_notice(name: str) -> str:
 
 def read_context(request: Request) -> tuple[np.ndarray, list[str]]:
     """The audio to accompany (mono 32 kHz, cut to the stem's length) and notes for the page."""
-    from .metronome import metronome
+    from ..io.metronome import metronome
 
     n_samples = round(request.seconds * FRAME_RATE) * (SAMPLE_RATE // FRAME_RATE)
     if request.song is None:
@@ -187,13 +187,13 @@ def get_model(location: str, t5: str | None):
     """Load a model once and keep it (keyed by where it came from)."""
     import torch
 
-    from .pipeline import MusicGen
+    from ..io.pretrained import from_pretrained
 
     with _models_lock:
         key = (location, t5)
         if key not in _models:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            _models[key] = MusicGen.from_pretrained(location, device=device, stage=True, t5=t5)
+            _models[key] = from_pretrained(location, device=device, stage=True, t5=t5)
         return _models[key]
 
 
@@ -231,7 +231,7 @@ class Generator:
     def generate(self, request: Request, location: str, progress):
         import torch
 
-        from .generate import SamplingConfig
+        from ..generate import SamplingConfig
 
         start = time.perf_counter()
         progress(0.0, desc="reading the input")

@@ -10,7 +10,7 @@ one hears nothing (every frame gets the same code). This trains one of the same 
    on what the levels before it leave;
 3. a short fine-tune of the decoder on quantised latents, so that it learns to undo the rounding.
 
-Training audio is drawn in memory from `stage_min.synth` (drums, bass, chords, their mixes) and
+Training audio is drawn in memory from `stage_min.toy.synth` (drums, bass, chords, their mixes) and
 click tracks, the four kinds of sound the toy STAGE hears or plays.
 """
 import math
@@ -22,7 +22,7 @@ import torch
 from transformers import EncodecConfig, EncodecModel
 
 from . import synth
-from .metronome import click_track
+from ..io.metronome import click_track
 
 SAMPLE_RATE = 32000
 

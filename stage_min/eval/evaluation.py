@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .beats import TRACK_HOP, TRACK_RATE, TRACKERS, beat_times
+from ..train.beats import TRACK_HOP, TRACK_RATE, TRACKERS, beat_times
 
 BEAT_WINDOW = 0.07  # seconds either side: the paper's (and mir_eval's default) F-measure window
 MAX_FRAMES = 1500  # context, separator and stem share MusicGen's 30 s of positions
@@ -36,7 +36,7 @@ class EvalError(Exception):
 
 # ---- beats --------------------------------------------------------------------------------------
 def track_beats(audio: np.ndarray, sample_rate: int, tracker: str = "librosa") -> np.ndarray:
-    """Beat times (s) of mono audio, by stage_min.beats (the tracker training data uses too):
+    """Beat times (s) of mono audio, by stage_min.train.beats (the tracker training data uses too):
     librosa (untrimmed, over the audio and a silent tail) or Beat This!, if installed
     (`pip install beat-this`; it downloads its weights on first use)."""
     if tracker not in TRACKERS:
@@ -171,8 +171,8 @@ def tempo_experiment(model, bpms, seeds, seconds: float, prompt: str, out_dir, s
     (model.accompany) and, as the baseline, from the prompt alone (model.generate), both scored
     against the click's beats. `seeds`: a count (0..N-1) or a list. Writes the audio under
     out_dir/audio; returns the results (rows, means, per-BPM means)."""
-    from .audio import save_audio
-    from .metronome import beat_times, metronome
+    from ..io.audio import save_audio
+    from ..io.metronome import beat_times, metronome
 
     check_seconds(seconds)
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
@@ -218,7 +218,7 @@ class SongWindow:
 
 def held_out_songs(data_dir, target: str, val_fraction: float, split_seed: int) -> list:
     """The songs train.py holds out (same split function, fraction and seed) that have `target`."""
-    from . import data as D
+    from ..train import data as D
 
     songs = D.find_songs(data_dir)
     _, held = D.split_songs(songs, val_fraction, split_seed)
@@ -233,7 +233,7 @@ def held_out_songs(data_dir, target: str, val_fraction: float, split_seed: int) 
 
 def _song_beats(song, stems: dict, sample_rate: int, tracker: str) -> np.ndarray:
     """beats.txt when the song has one, else tracked on the full mix (all stems, vocals too)."""
-    from . import data as D
+    from ..train import data as D
 
     if song.beats_file is not None:
         try:
@@ -251,8 +251,8 @@ def song_window(song, target: str, seconds: float, sample_rate: int = SAMPLE_RAT
     are audible (peak >= the training data's silence level). Context = every audible stem but the
     target and the stems training leaves out of contexts (vocals, percussion, wind, other_plucked). None (with a warning) when the song has no such
     window or cannot be read."""
-    from . import data as D
-    from .audio import AudioError
+    from ..train import data as D
+    from ..io.audio import AudioError
 
     silence = D.DataConfig().silence
     # the original's context stems; a stem of another naming (synthetic songs' chords) counts as one
@@ -301,8 +301,8 @@ def accompany_windows(data_dir, target: str, n_songs: int | None, seconds: float
 def train_split(model_spec: str) -> tuple[float, int]:
     """(val_fraction, seed) of the run that trained `model_spec` (a run folder's config.json), else
     train.py's defaults: with split_songs, the songs that run held out."""
-    from .data import DataConfig
-    from .training import TrainConfig
+    from ..train.data import DataConfig
+    from ..train.training import TrainConfig
 
     try:
         train = json.loads((Path(model_spec) / "config.json").read_text()).get("train") or {}
@@ -325,7 +325,7 @@ def accompany_experiment(model, data_dir, target: str, out_dir, n_songs: int | N
     stems. prompt None: each song's caption.txt (else ""). The held-out songs are those of
     split_songs(val_fraction, split_seed) (see train_split). Writes the audio under out_dir/audio;
     returns the results."""
-    from .audio import save_audio
+    from ..io.audio import save_audio
 
     sr = model.sample_rate
     windows = accompany_windows(data_dir, target, n_songs, seconds, val_fraction, split_seed, tracker, sr)
@@ -376,7 +376,7 @@ def jsonable(x):
 
 def write_results(results: dict, out_dir) -> list[Path]:
     """results.json (everything) and results.csv (the rows' scalar fields), each written atomically."""
-    from .loading import write_atomic
+    from ..io.loading import write_atomic
 
     out_dir = Path(out_dir)
     results = jsonable(results)
@@ -405,8 +405,8 @@ def write_report(results: dict, out_dir) -> Path:
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
-    from .audio import load_audio
-    from .loading import write_atomic
+    from ..io.audio import load_audio
+    from ..io.loading import write_atomic
 
     out_dir = Path(out_dir)
     results = jsonable(results)

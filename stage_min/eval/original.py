@@ -16,7 +16,7 @@ What the STAGE code does, in its terms (REFERENCE.md section 8):
 import torch
 import torch.nn as nn
 
-from .generate import SamplingConfig, guided, sample
+from ..generate import SamplingConfig, guided, sample
 
 
 class ResidualTokens(nn.Module):

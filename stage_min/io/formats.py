@@ -27,9 +27,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .loading import (LoadError, gather, is_native, name_first, lm_config_from_hf, lm_config_from_native, lm_state_from_hf, lm_state_to_hf, with_default_mode,
-                      read_config, read_state_dict, resolve_model_dir, safe_torch_load, submodule_state)
-from .model import LMConfig
+from .loading import (LoadError, gather, is_native, name_first, lm_config_from_hf, lm_config_from_native, lm_state_from_hf, lm_state_to_hf, with_default_mode, read_config, read_state_dict, resolve_model_dir, safe_torch_load, submodule_state)
+from ..model import LMConfig
 
 DEFAULT_T5 = "google-t5/t5-base"  # MusicGen's and STAGE's text encoder
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
@@ -469,7 +468,7 @@ def _parts(model) -> tuple[dict, dict, bytes]:
 def export_native(model, dst, extra: dict | None = None, dtype: str = "float32"):
     """Our layout, self-contained: LM + T5 + EnCodec weights, their configs and spiece.model.
     dtype "float16" halves the file (weights are loaded back as float32, or the dtype asked for)."""
-    from .generate import SamplingConfig
+    from ..generate import SamplingConfig
     from .loading import save_native
 
     weights, configs, spiece = _parts(model)

@@ -1,9 +1,9 @@
 """Procedural stems for offline training runs: drums, bass and chords, numpy only.
 
-    python -m stage_min.synth DIR --songs 16 [--seconds 20] [--seed 0] [--overwrite]
+    python -m stage_min.toy.synth DIR --songs 16 [--seconds 20] [--seed 0] [--overwrite]
 
 writes DIR/song_000/{drums,bass,chords}.wav, beats.txt (one `<seconds> <position in bar>` line per
-beat) and caption.txt, i.e. the plain layout that `stage_min.data` reads. DIR must be new or empty
+beat) and caption.txt, i.e. the plain layout that `stage_min.train.data` reads. DIR must be new or empty
 (`--overwrite` writes into a folder that is not, replacing the songs of the same names).
 
 The stems are deliberately coupled, so that a model can learn in few steps that the context
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import OneLineParser
+from ..cli.options import OneLineParser
 
 SAMPLE_RATE = 32000
 FRAME = 640  # EnCodec 32 kHz hop: onsets on this grid
@@ -173,7 +173,7 @@ def make_song(rng: np.random.Generator, seconds: float, sr: int = SAMPLE_RATE, s
 def write_dataset(folder, n_songs: int, seconds: float = 20.0, seed: int = 0, sr: int = SAMPLE_RATE, style: Style = Style()):
     import soundfile as sf
 
-    from .data import format_beats
+    from ..train.data import format_beats
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

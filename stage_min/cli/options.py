@@ -52,7 +52,7 @@ def check_sampling(args):
     """The settings given are in range (before any model loads: a bad one fails at once)."""
     from dataclasses import replace
 
-    from .generate import SamplingConfig
+    from ..generate import SamplingConfig
 
     replace(SamplingConfig(), **sampling_given(args)).check()
 

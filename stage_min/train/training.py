@@ -18,13 +18,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import delay
+from .. import delay
 from .data import DataConfig, Example, context_frames, load_stem
-from .loading import (LATEST, LoadError, follow_latest, is_native, read_config, safe_torch_load, save_native,
-                      with_default_mode, write_atomic)
-from .metronome import click_track
-from .model import LMConfig, MusicGenLM
-from .stage import build_sequence
+from ..io.loading import (LATEST, LoadError, follow_latest, is_native, read_config, safe_torch_load, save_native, with_default_mode, write_atomic)
+from ..io.metronome import click_track
+from ..model import LMConfig, MusicGenLM
+from ..songs import encode_contexts
+from ..stage import build_sequence
 
 STATE_FILE = "train_state.pt"  # optimizer, step and RNG states, beside the model files
 METRICS_FILE = "metrics.jsonl"
@@ -150,8 +150,8 @@ CLIP_MODES, PRECISIONS, SEPARATOR_INITS = ("value", "norm"), ("fp16", "bf16", "f
 # ---- model --------------------------------------------------------------------------------------
 def load_base(base: str):
     """T5 text encoder and EnCodec from a base model in any layout formats.py reads."""
-    from .formats import read_checkpoint
-    from .pipeline import load_codec, load_text_encoder
+    from ..io.formats import read_checkpoint
+    from ..io.pretrained import load_codec, load_text_encoder
 
     ckpt = read_checkpoint(base)
     return load_text_encoder(ckpt.spiece_dir, ckpt.config, ckpt.state), load_codec(ckpt.config, ckpt.state)
@@ -198,12 +198,13 @@ def build_model(cfg: TrainConfig):
     """-> (MusicGen pipeline with a STAGE LM, base string to record in checkpoints). The new LM is
     set up as the original's (REFERENCE.md 8.7) unless the config says otherwise: special row zeroed
     and frozen, start step masked, separator row Kaiming-normal."""
-    from .pipeline import MusicGen
+    from ..pipeline import MusicGen
+    from ..io.pretrained import from_pretrained
 
     torch.manual_seed(cfg.seed)
     base = str(Path(cfg.base).resolve()) if Path(cfg.base).expanduser().is_dir() else cfg.base
     if cfg.preset == "small":  # the base's LM weights, with the context token appended
-        model = MusicGen.from_pretrained(base, stage=True)
+        model = from_pretrained(base, stage=True)
         lm_cfg, state = model.lm.cfg, model.lm.state_dict()
     else:
         text_encoder, codec = load_base(base)
@@ -301,22 +302,6 @@ def clip_gradients(lm: MusicGenLM, cfg: TrainConfig) -> torch.Tensor:
 
 
 # ---- batches ------------------------------------------------------------------------------------
-@torch.no_grad()
-def encode_contexts(codec, audios: list, special: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Context audios (whole frames each) -> codes (B, K, C) right-aligned and lengths (B,).
-    Contexts of equal length are encoded as one batch; no row is ever padded with silence before
-    encoding, so each row's codes are exactly those of encoding it alone (as at inference)."""
-    lengths = [len(a) // codec.hop for a in audios]
-    C = max(lengths)
-    out = torch.full((len(audios), codec.n_codebooks, C), special, dtype=torch.long, device=device)
-    for n in sorted(set(lengths)):
-        rows = [i for i, m in enumerate(lengths) if m == n]
-        x = torch.from_numpy(np.stack([audios[i][: n * codec.hop] for i in rows])).to(device)[:, None]
-        codes = codec.encode(x)[..., :n]
-        out[rows, :, C - n:] = codes.long()
-    return out, torch.tensor(lengths, device=device)
-
-
 @torch.no_grad()
 def text_inputs(text_encoder, captions: list, drop: list, device, dtype=torch.float32):
     """T5 states (B, L, text_dim) and mask (B, L). A dropped or empty caption is the null
@@ -620,9 +605,9 @@ def check_resumable(out: Path, cfg: TrainConfig) -> dict:
 
 def load_for_resume(out: Path):
     """The pipeline from a run folder's latest checkpoint (T5 and EnCodec from the base it records) and that base."""
-    from .pipeline import MusicGen
+    from ..io.pretrained import from_pretrained
 
-    return MusicGen.from_pretrained(str(out)), read_config(latest_checkpoint(out)).get("base")
+    return from_pretrained(str(out)), read_config(latest_checkpoint(out)).get("base")
 
 
 def log_metrics(out: Path, record: dict):

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .model import LMConfig
+from ..model import LMConfig
 
-WEIGHTS_DIR = Path(os.environ.get("STAGE_MIN_WEIGHTS", Path(__file__).resolve().parents[1] / "weights"))
+WEIGHTS_DIR = Path(os.environ.get("STAGE_MIN_WEIGHTS", Path(__file__).resolve().parents[2] / "weights"))
 HUB_FILES = ["*.json", "*.safetensors", "spiece.model"]
 
 

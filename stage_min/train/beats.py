@@ -6,17 +6,15 @@ Two trackers:
   `beat_times`). It gives no downbeats, so the bar phase is chosen by a rule: in 4/4, of the four
   ways to take every 4th beat, the one whose beats are followed by the most low-frequency energy
   (the kick and the bass tend to open a bar). How often this is right on synthetic songs, whose
-  downbeats are known: `python -m stage_min.beats DATA` (docs/training.md).
+  downbeats are known: `python -m stage_min.train.beat_check DATA` (docs/training.md).
 - "beat_this": the Beat This! tracker (Foscarin et al., ISMIR 2024), which the original STAGE's
   `beatthis.npz` files suggest it used: beats and downbeats from one network. An optional extra
   (`pip install beat-this`); its checkpoint is downloaded on first use, so it needs the network once.
 """
-import sys
 
 import numpy as np
 import soxr
 
-from .cli import OneLineParser
 
 TRACKERS = ("librosa", "beat_this")
 TRACK_RATE = 22050  # librosa's beat tracker works at this rate...
@@ -144,36 +142,3 @@ def phase_accuracy(songs: list[tuple[np.ndarray, int, np.ndarray, np.ndarray]], 
         tracked += bool(hits) and np.mean(hits) > 0.5
     n = max(1, len(songs))
     return {"songs": len(songs), "rule": rule / n, "tracked": tracked / n}
-
-
-def main(argv=None):
-    from .audio import AudioError
-    from .data import DataError, find_songs, load_stem, parse_beats
-
-    p = OneLineParser(prog="python -m stage_min.beats", description="How often the librosa downbeat rule finds the bar phase, on songs "
-                                            "whose beats.txt has positions (e.g. python -m stage_min.synth output).")
-    p.add_argument("data", help="dataset folder (one folder per song, with beats.txt)")
-    p.add_argument("--songs", type=int, default=0, help="at most this many songs (0 = all)")
-    a = p.parse_args(argv)
-    try:
-        songs = [s for s in find_songs(a.data) if s.beats_file is not None]
-        songs = songs[: a.songs] if a.songs > 0 else songs
-        items = []
-        for s in songs:
-            stems = [load_stem(f, 32000) for f in s.stems.values()]
-            mix = np.zeros(max(len(x) for x in stems), dtype=np.float32)
-            for x in stems:
-                mix[:len(x)] += x
-            times, down = parse_beats(s.beats_file.read_text())
-            if down.any():
-                items.append((mix, 32000, times, down))
-    except (DataError, AudioError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    r = phase_accuracy(items)
-    print(f"{r['songs']} songs: bar phase right in {100 * r['rule']:.1f} % with the annotated beats, "
-          f"{100 * r['tracked']:.1f} % with librosa's beats")
-
-
-if __name__ == "__main__":
-    main()

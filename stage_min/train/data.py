@@ -30,9 +30,9 @@ import soxr
 import torch
 
 from . import augment
-from .audio import AudioError, load_audio
+from ..io.audio import AudioError, load_audio
 from .beats import TRACKER_ID, TRACKERS, track  # one beat tracker for training data and evaluation
-from .metronome import click_track
+from ..io.metronome import click_track
 
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff"}
 NOT_STEMS = {"mixture", "mix"}
@@ -68,7 +68,7 @@ class DataConfig:
     p_copy_context: float = 0.0
     silence: float = 0.01  # a stem whose peak over the window is below this is silent
     val_fraction: float = 0.1  # held-out songs, at least one when there are >= 2
-    augment: bool = True  # speed and pitch changes of the whole window (stage_min.augment)
+    augment: bool = True  # speed and pitch changes of the whole window (stage_min.train.augment)
     p_speed: float = 0.5
     speed_min: float = 0.8  # Rubber Band time ratio (window duration / song segment duration)
     speed_max: float = 1.2
@@ -218,7 +218,7 @@ def format_beats(times, positions) -> str:
 
 
 def track_beats(mixture: np.ndarray, sample_rate: int, tracker: str = "librosa", device="cpu") -> tuple[np.ndarray, np.ndarray]:
-    """(beat times (N,) s, downbeat flags (N,)) of a mixture (stage_min.beats, which evaluation uses too)."""
+    """(beat times (N,) s, downbeat flags (N,)) of a mixture (stage_min.train.beats, which evaluation uses too)."""
     return track(tracker, mixture, sample_rate, str(device))
 
 
@@ -301,7 +301,7 @@ def prepare_song(song: Song, cfg: DataConfig, codec, device, cache_dir: Path, st
     path = cache_dir / f"{song.name}.{key}.pt"
     cached = None
     if path.exists():
-        from .loading import LoadError, safe_torch_load
+        from ..io.loading import LoadError, safe_torch_load
 
         try:  # weights_only: a cache file planted in the data folder cannot run code
             cached = safe_torch_load(path)
@@ -309,7 +309,7 @@ def prepare_song(song: Song, cfg: DataConfig, codec, device, cache_dir: Path, st
             cached = None  # a broken (or unsafe) cache file is just recomputed
     if cached is None:
         cached = _song_summary(song, usable, sr, hop, tracker, device, stats)
-        from .loading import write_atomic
+        from ..io.loading import write_atomic
         cache_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(path, lambda p: torch.save(cached, p))
     else:
