@@ -26,6 +26,7 @@ from stage_min.io.loading import save_native
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sample  # noqa: E402
+from stage_min.cli import sample_job  # noqa: E402
 import train  # noqa: E402
 
 NO_MODEL = "/no/such/model"  # options are checked before the model: an error about it means a check came too late
@@ -238,10 +239,10 @@ def test_tiny_temperature_is_greedy_not_nan():
 
 def test_only_the_used_part_of_a_long_context_is_read(inputs):
     args = sample.parse_args(["--context", str(inputs / "long.wav"), "--out", "x.wav", "--duration", "1"])
-    audio, total_frames = sample.read_context(args)
+    audio, total_frames = sample_job.read_context(args)
     assert total_frames == 20 * 50  # the whole file's length, from its header
     assert len(audio) <= 32000 * 1.1  # but only about the 1 s needed was read
-    n_frames, kept = sample.plan_frames(args, audio, total_frames)
+    n_frames, kept = sample_job.plan_frames(args, audio, total_frames)
     assert (n_frames, kept) == (50, 50)
 
 

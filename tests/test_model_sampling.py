@@ -82,13 +82,14 @@ def test_bad_sampling_section_is_a_load_error(bundled, tmp_path, section, messag
 def test_sample_cli_uses_the_models_temperature_unless_given(bundled, tmp_path):
     """sample.py without --temperature: the model's; with it: the one given (results.json of evaluate.py too)."""
     import sample
+    from stage_min.cli import sample_job
 
     folder = with_sampling(bundled, tmp_path, {"temperature": 0.25})
     args = sample.parse_args(["--model", str(folder), "--prompt", "x", "--out", str(tmp_path / "x.wav")])
     args.stem_models = {"stem": str(folder)}
-    assert sample.load_models(args)["stem"].sampling.temperature == 0.25
+    assert sample_job.load_models(args)["stem"].sampling.temperature == 0.25
     args.temperature = 1.5
-    assert sample.load_models(args)["stem"].sampling == SamplingConfig(temperature=1.5)
+    assert sample_job.load_models(args)["stem"].sampling == SamplingConfig(temperature=1.5)
     out = tmp_path / "tempo"
     r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "tempo", "--model", str(folder), "--bpm", "120",
                         "--seeds", "1", "--seconds", "0.5", "--out", str(out)], capture_output=True, text=True, cwd=ROOT)

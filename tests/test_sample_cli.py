@@ -47,6 +47,7 @@ def test_bad_options_fail_with_one_line(tiny_hf, tmp_path, args, message):
 def test_genres_and_moods_build_the_stage_caption(tmp_path, capsys):
     sys.path.insert(0, str(ROOT))
     import sample
+    from stage_min.cli import sample_job
     from stage_min.train.captions import stage_caption
 
     assert stage_caption("rock, indie", "energetic") == "Genres: rock, indie. Moods: energetic. "
@@ -56,7 +57,7 @@ def test_genres_and_moods_build_the_stage_caption(tmp_path, capsys):
     assert stage_caption(genres="Pop") == "Genres: Pop. "
     assert stage_caption() == ""
     args = sample.parse_args(["--genres", "rock, indie", "--moods", "energetic", "--out", str(tmp_path / "x.wav")])
-    sample.check_options(args)
+    sample_job.check_options(args)
     assert args.prompt == "Genres: rock, indie. Moods: energetic. "
     assert "caption: 'Genres: rock, indie. Moods: energetic. '" in capsys.readouterr().err
     # every mode takes it: a stack of stems, a folder of songs
@@ -69,7 +70,7 @@ def test_genres_and_moods_build_the_stage_caption(tmp_path, capsys):
                   "--model", "bass=b", "--out", str(tmp_path / "y.wav")],
                  ["--context", str(tmp_path / "songs"), "--out", str(tmp_path / "out")]):
         args = sample.parse_args(["--moods", "happy", *mode])
-        sample.check_options(args)
+        sample_job.check_options(args)
         assert args.prompt == "Moods: happy. "
 
 

@@ -17,6 +17,7 @@ from stage_min.songs import encode_contexts
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sample  # noqa: E402
+from stage_min.cli import sample_job  # noqa: E402
 
 SR, HOP = 32000, 640
 FAST = SamplingConfig(cfg_coef=1.0, top_k=250)  # no guidance rows: half the work, the same windows
@@ -245,9 +246,9 @@ def test_outputs_are_all_checked_before_any_is_written(tmp_path):
     paths = {n: tmp_path / f"out_{n}.wav" for n in ["drums", "bass"]}
     good = {"drums": tone(0.1), "bass": tone(0.1)}
     with pytest.raises(ValueError, match="NaN or infinite"):
-        sample.write_outputs(paths, {**good, "bass": np.full(100, np.nan)}, tmp_path / "mix.wav", tone(0.1), [])
+        sample_job.write_outputs(paths, {**good, "bass": np.full(100, np.nan)}, tmp_path / "mix.wav", tone(0.1), [])
     with pytest.raises(KeyboardInterrupt):
-        sample.write_outputs(paths, good, tmp_path / "mix.wav", tone(0.1), [2])
+        sample_job.write_outputs(paths, good, tmp_path / "mix.wav", tone(0.1), [2])
     assert list(tmp_path.iterdir()) == []
-    sample.write_outputs(paths, good, tmp_path / "mix.wav", tone(0.1), [])
+    sample_job.write_outputs(paths, good, tmp_path / "mix.wav", tone(0.1), [])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mix.wav", "out_bass.wav", "out_drums.wav"]

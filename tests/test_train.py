@@ -179,7 +179,7 @@ def test_cli_errors_are_one_line(setup, tmp_path, capsys):
         (["--max-steps", "x"], "invalid int"),
         (["--cooldown-steps", "5"], "--cooldown-steps must be in [0, --max-steps = 4]"),
         (["--cooldown-steps", "2"], "--cooldown-steps needs --cooldown-lr > 0"),
-        (["--cooldown-steps", "2", "--cooldown-lr", "nan"], "--cooldown-lr > 0"),
+        (["--cooldown-steps", "2", "--cooldown-lr", "nan"], "--cooldown-lr must be a finite number"),
         (["--base", str(tmp_path / "nobase")], "not found"),
     ]
     for extra, message in bad:

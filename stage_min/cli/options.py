@@ -22,12 +22,12 @@ class OneLineParser(argparse.ArgumentParser):
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The description as written, and every option's default after its help. Left out where the
-    default says nothing: flags (False), options without a default (None, "": the help says what
+    default says nothing: flags (on/off switches), options without a default (None, "": the help says what
     then happens) and helps that already name their default."""
 
     def _get_help_string(self, action):
         help = action.help or ""
-        if action.default is None or action.default is False or action.default in ("", argparse.SUPPRESS) or "(default" in help:
+        if action.nargs == 0 or action.default is None or action.default in ("", argparse.SUPPRESS) or "(default" in help:
             return help
         return super()._get_help_string(action)
 

@@ -19,7 +19,6 @@ common `.beats` annotation format). Lines starting with # are comments. Without 
 """
 import hashlib
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 
 from . import augment
 from ..io.audio import AudioError, load_audio
+from .options import PROBABILITY, Rule, above, check_options, one_of, option, within
 from .beats import TRACKER_ID, TRACKERS, track  # one beat tracker for training data and evaluation
 from ..io.metronome import click_track
 
@@ -54,54 +54,46 @@ class DataError(Exception):
 
 @dataclass
 class DataConfig:
-    target: str = "drums"
+    target: str = "drums"  # train.py --target (required), --context-stems and --exclude are written in its parser
     context_stems: tuple | None = STAGE_CONTEXT_STEMS  # stems a context may use (minus the target); None: any
     exclude: tuple = ()  # stems never in a context (train.py's deprecated --exclude: any stem but these)
-    target_seconds: float = 10.0
-    p_full_context: float = 0.05  # the context is the whole window...
-    context_min: float = 5.0  # ...else a prefix of the window, uniform in [min, max] seconds
-    context_max: float = 10.0
-    context_step: float = 0.0  # 0: any whole number of frames; > 0: lengths on this grid (fewer encoder calls)
-    p_metronome: float = 0.5  # context replaced by a click track on the song's beats
-    # context = the target stem itself (a copy task; 0 in the original): a from-scratch toy first learns
-    # where context frame t sits (a fixed offset back) from a task where that is all it must learn
-    p_copy_context: float = 0.0
-    silence: float = 0.01  # a stem whose peak over the window is below this is silent
-    val_fraction: float = 0.1  # held-out songs, at least one when there are >= 2
-    augment: bool = True  # speed and pitch changes of the whole window (stage_min.train.augment)
-    p_speed: float = 0.5
-    speed_min: float = 0.8  # Rubber Band time ratio (window duration / song segment duration)
-    speed_max: float = 1.2
-    p_pitch: float = 0.5
-    pitch_semitones: int = 4  # shift drawn in [-n, n] whole semitones
-    beat_tracker: str = "librosa"  # for songs without beats.txt: librosa or beat_this
+    target_seconds: float = option(10.0, "window length (the original: 10 s); shorter for CPU toys", above(0))
+    p_full_context: float = option(0.05, "the context is the whole window with this probability (the original: 0.05); "
+                                   "0 with --context-min = --context-max for a fixed context length", PROBABILITY)
+    context_min: float = option(5.0, "else a prefix of the window, uniform in [min, max] seconds")
+    context_max: float = option(10.0, "see --context-min")
+    context_step: float = option(0.0, "0: any whole number of frames (the original: any length); > 0: lengths on this grid "
+                                 "(>= 0.02 s, one frame), so that contexts of equal length are encoded as one batch "
+                                 "(faster, less varied)", Rule(lambda v: v == 0 or v >= 0.02, "must be 0 (any length) or >= 0.02 s (one frame)"))
+    p_metronome: float = option(0.5, "context replaced by a click track on the song's beats", PROBABILITY)
+    # a copy task (0 in the original): a from-scratch toy first learns where context frame t sits (a fixed
+    # offset back) from a task where that is all it must learn
+    p_copy_context: float = option(0.0, "context = the target stem itself (a copy task; the original: 0): a from-scratch "
+                                   "toy learns first where context frame t sits, then what to take from it (stage_min.toy)", PROBABILITY)
+    silence: float = option(0.01, "a stem whose peak over the window is below this is silent", within(0, 1, closed=False))
+    val_fraction: float = option(0.1, "held-out songs (at least one when there are >= 2)", within(0, 1, closed=False))
+    augment: bool = option(True, "no speed or pitch changes (the original augments; off for a faster CPU run, or for data "
+                           "whose tempo and key must stay)", flag="--no-augment")
+    p_speed: float = option(0.5, "augmentation: chance of a speed change", PROBABILITY)
+    speed_min: float = option(0.8, "speed change: lowest Rubber Band time ratio (window duration / song segment "
+                              "duration; < 1 is faster), in (0, 4]")
+    speed_max: float = option(1.2, "speed change: highest time ratio")
+    p_pitch: float = option(0.5, "augmentation: chance of a pitch shift", PROBABILITY)
+    pitch_semitones: int = option(4, "pitch shift drawn in [-n, n] whole semitones", within(0, 12))
+    beat_tracker: str = option("librosa", "for songs without beats.txt: librosa (offline; downbeats by a low-frequency "
+                               "rule) or beat_this (Beat This!, as the original's beatthis.npz suggests; pip install "
+                               "beat-this, downloads its checkpoint once)", one_of(*TRACKERS), choices=TRACKERS)
 
     def check(self):
+        """What ties options together (each option's own rule: options.check_options)."""
+        check_options(self)
         if not self.target:
             raise ValueError("--target is empty")
-        for name in ("target_seconds", "context_min", "context_max", "context_step", "silence"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name):g}")
-        if not self.target_seconds > 0:
-            raise ValueError(f"--target-seconds must be > 0, got {self.target_seconds:g}")
-        if not 0 <= self.silence < 1:
-            raise ValueError(f"--silence must be in [0, 1) (a peak level), got {self.silence:g}")
         if not 0 < self.context_min <= self.context_max <= self.target_seconds:
             raise ValueError(f"need 0 < --context-min <= --context-max <= --target-seconds, got "
                              f"{self.context_min:g}, {self.context_max:g}, {self.target_seconds:g}")
-        if not (self.context_step == 0 or self.context_step >= 0.02):  # one codec frame
-            raise ValueError(f"--context-step must be 0 (any length) or >= 0.02 s (one frame), got {self.context_step:g}")
-        for name in ("p_metronome", "p_copy_context", "p_full_context", "p_speed", "p_pitch"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name):g}")
         if not 0 < self.speed_min <= self.speed_max <= 4:
             raise ValueError(f"need 0 < --speed-min <= --speed-max <= 4 (a time ratio), got {self.speed_min:g}, {self.speed_max:g}")
-        if not 0 <= self.pitch_semitones <= 12:
-            raise ValueError(f"--pitch-semitones must be in [0, 12], got {self.pitch_semitones}")
-        if self.beat_tracker not in TRACKERS:
-            raise ValueError(f"--beat-tracker must be one of {', '.join(TRACKERS)}, got {self.beat_tracker!r}")
-        if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction:g}")
         if self.target in self.exclude:
             raise ValueError(f"--target {self.target} is also in --exclude")
         if self.context_stems is not None and not self.context_stems:

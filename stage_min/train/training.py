@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import delay
+from .options import PROBABILITY, SEED, Rule, above, at_least, check_options, one_of, option, within
 from .data import DataConfig, Example, context_frames, load_stem
 from ..io.loading import (LATEST, LoadError, follow_latest, is_native, read_config, safe_torch_load, save_native, with_default_mode, write_atomic)
 from ..io.metronome import click_track
@@ -38,79 +39,77 @@ class Diverged(Exception):
     """The loss, the gradients or the weights became NaN or infinite; nothing is saved over the last checkpoint."""
 
 
+CLIP_MODES, PRECISIONS, SEPARATOR_INITS = ("value", "norm"), ("fp16", "bf16", "fp32"), ("kaiming", "mean")
+DEVICE = Rule(lambda v: re.fullmatch(r"(cpu|cuda(:\d+)?)?", v) is not None, "must be cpu, cuda or cuda:N")
+
+
 @dataclass
 class TrainConfig:
-    data: str = ""
+    """train.py's options: each field's default is the original STAGE recipe (docs/training.md), its help
+    says why one would change it, its rule what a value must be (options.py builds the parser from them)."""
+    data: str = ""  # train.py --data, --out and --target are required, so they are written in its parser
     out: str = ""
-    preset: str = "small"  # tiny: random LMConfig tiny; small: the base's pretrained LM + context token
-    base: str = "facebook/musicgen-small"  # T5 + EnCodec (and the LM for `small`)
-    max_steps: int = 10000
-    batch_size: int = 8  # global: split over processes, times grad_accum micro-steps each
-    grad_accum: int = 1
-    lr: float = 1e-5  # STAGE: AdamW, constant lr, betas (0.9, 0.95), weight decay 1e-3
-    cooldown_steps: int = 0  # the last N steps of max_steps run at cooldown_lr (0: the lr stays constant)
-    cooldown_lr: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = 1e-3
-    clip: float = 1.0
-    clip_mode: str = "value"  # the original clips each gradient value to [-clip, clip]; "norm": the global norm
-    precision: str = "fp16"  # on CUDA: fp16 autocast + GradScaler (the original's), bf16 autocast, or fp32; CPU: fp32
-    decay_all: bool = True  # weight decay on every parameter (the original); False: not on biases and norms
-    valid_steps_only: bool = True  # loss without the last k frames of codebook k (keep_only_valid_steps)
-    zero_special_row: bool = True  # the start/gap token's embedding zero and frozen (padding_idx), new LMs
-    attend_start_step: bool = False  # the all-special start step is masked, new LMs
-    separator_init: str = "kaiming"  # the new separator row: Kaiming normal (the original) or "mean" of the code rows
-    p_text_drop: float = 0.5  # whole prompt dropped -> null condition
-    p_context_drop: float = 0.1  # whole context removed (build_sequence's drop_context)
-    p_word_drop: float = 0.3  # T5 word dropout: each word of a kept prompt removed (MusicGen's and STAGE's 0.3)
-    eval_every: int = 200
-    eval_windows: int = 32
-    save_every: int = 500
-    log_every: int = 10
-    seed: int = 0
-    device: str = ""
-    cache_dir: str = ""  # default: DATA/.stage_min_cache
-    code_cache: bool = False  # training windows cut from whole-song codes (SongCodes), not encoded one by one
-    align_init: bool = False  # tiny: init_aligned (a head that starts at the context's same time), not init_weights
-    dim: int = 0  # tiny preset overrides (0 = preset value)
-    layers: int = 0
-    heads: int = 0
+    preset: str = option("small", "tiny (random, CPU-sized) or small (pretrained base LM)", one_of("tiny", "small"))
+    base: str = option("facebook/musicgen-small", "model folder or hub id for T5, EnCodec (and the LM for small)")
+    max_steps: int = option(10000, "optimizer steps (the original: up to 100k, 24 h cap)", at_least(1))
+    batch_size: int = option(8, "global batch per optimizer step, split over processes (the original: 2 x 4 accumulation)", at_least(1))
+    grad_accum: int = option(1, "micro-batches per step, to fit the batch in memory", at_least(1))
+    lr: float = option(1e-5, "AdamW learning rate, constant (the original's); a from-scratch toy wants ~1e-3", above(0))
+    cooldown_steps: int = option(0, "the last N of --max-steps run at --cooldown-lr (a constant lr swings a small model's "
+                                 "behaviour from checkpoint to checkpoint; a lower one at the end settles it, stage_min.toy)")
+    cooldown_lr: float = option(0.0, "learning rate of the cooldown steps")
+    beta1: float = option(0.9, "AdamW beta1", within(0, 1, closed=False))
+    beta2: float = option(0.95, "AdamW beta2", within(0, 1, closed=False))
+    weight_decay: float = option(1e-3, "AdamW weight decay (on every parameter, see --no-decay-1d)", at_least(0))
+    clip: float = option(1.0, "gradient clipping threshold (per value, or global norm with --clip-mode norm)", above(0))
+    clip_mode: str = option("value", "value: each gradient value clipped to [-clip, clip] (the original's); norm: the "
+                            "global gradient norm, which keeps the update's direction", one_of(*CLIP_MODES), choices=CLIP_MODES)
+    precision: str = option("fp16", "CUDA: fp16 autocast with a gradient scaler (the original's), bf16 (no scaler, no "
+                            "overflow; Ampere and newer) or fp32; CPU runs fp32", one_of(*PRECISIONS), choices=PRECISIONS)
+    decay_all: bool = option(True, "no weight decay on biases and norms (GPT practice); the original decays every "
+                             "parameter", flag="--no-decay-1d")
+    valid_steps_only: bool = option(True, "also take the loss on the last k frames of codebook k, which the original "
+                                    "leaves out (keep_only_valid_steps)", flag="--loss-all-steps")
+    zero_special_row: bool = option(True, "new LMs: keep the start/gap token's embedding trainable (MusicGen's) instead "
+                                    "of zeroed and frozen (the original's padding_idx)", flag="--train-special-row")
+    attend_start_step: bool = option(False, "new LMs: let steps attend to the start step, as MusicGen does; the original masks it")
+    separator_init: str = option("kaiming", "new separator row: kaiming normal (the original's) or mean of the code rows "
+                                 "(an in-distribution vector for the pretrained layers on the first steps)",
+                                 one_of(*SEPARATOR_INITS), choices=SEPARATOR_INITS)
+    p_text_drop: float = option(0.5, "whole prompt dropped (null text), as the original", PROBABILITY)
+    p_context_drop: float = option(0.1, "whole context dropped (build_sequence's drop_context)", PROBABILITY)
+    p_word_drop: float = option(0.3, "T5 word dropout on kept prompts (MusicGen's and STAGE's 0.3)", PROBABILITY)
+    eval_every: int = option(200, "steps between held-out evaluations", at_least(1))
+    eval_windows: int = option(32, "held-out windows (fixed, not augmented)", at_least(1))
+    save_every: int = option(500, "steps between checkpoints", at_least(1))
+    log_every: int = option(10, "steps between metrics.jsonl lines", at_least(1))
+    seed: int = option(0, "seed of every draw", SEED)
+    device: str = option("", "cuda or cpu (default: cuda when available)", DEVICE)
+    cache_dir: str = option("", "where per-song peaks and beats are cached (default: DATA/.stage_min_cache)")
+    code_cache: bool = option(False, "encode each song's stems once, whole, and cut the windows from those codes: about "
+                              "2x faster steps on a CPU, where encoding every window is half a step; needs --no-augment; "
+                              "a few %% of codes near window edges differ from per-window encoding (what the original and "
+                              "inference do; docs/training.md)")
+    align_init: bool = option(False, "tiny preset: start layer 0's first head attending from target frame t to context "
+                              "frame t (by position; needs one context length) with code embeddings of std 0.3: a "
+                              "from-scratch toy does not find that offset by itself in CPU time (stage_min.toy, docs/training.md)")
+    dim: int = option(0, "tiny preset: model width (0 = preset)", at_least(0))
+    layers: int = option(0, "tiny preset: layers (0 = preset)", at_least(0))
+    heads: int = option(0, "tiny preset: heads (0 = preset)", at_least(0))
     data_cfg: DataConfig = field(default_factory=DataConfig)
 
     def check(self):
-        if self.preset not in ("tiny", "small"):
-            raise UsageError(f"--preset must be tiny or small, got {self.preset!r}")
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_windows", "save_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "beta1", "beta2", "weight_decay", "clip"):  # NaN passes no test below, inf some
-            if not math.isfinite(getattr(self, name)):
-                raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name):g}")
-        if not self.lr > 0:
-            raise UsageError(f"--lr must be > 0, got {self.lr:g}")
+        """Each option's rule, then what ties options together."""
+        try:
+            check_options(self)
+            check_options(self.data_cfg)
+            self.data_cfg.check()
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         if not 0 <= self.cooldown_steps <= self.max_steps:
             raise UsageError(f"--cooldown-steps must be in [0, --max-steps = {self.max_steps}], got {self.cooldown_steps}")
-        if self.cooldown_steps and not (math.isfinite(self.cooldown_lr) and self.cooldown_lr > 0):
+        if self.cooldown_steps and not self.cooldown_lr > 0:
             raise UsageError(f"--cooldown-steps needs --cooldown-lr > 0, got {self.cooldown_lr:g}")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise UsageError("--beta1 and --beta2 must be in [0, 1)")
-        if self.weight_decay < 0:
-            raise UsageError(f"--weight-decay must be >= 0, got {self.weight_decay:g}")
-        if not self.clip > 0:
-            raise UsageError(f"--clip must be > 0, got {self.clip:g}")
-        for name, choices in (("clip_mode", CLIP_MODES), ("precision", PRECISIONS), ("separator_init", SEPARATOR_INITS)):
-            if getattr(self, name) not in choices:
-                raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
-        if not 0 <= self.seed <= 2**63 - 1:
-            raise UsageError(f"--seed must be in [0, 2^63 - 1], got {self.seed}")
-        if not re.fullmatch(r"(cpu|cuda(:\d+)?)?", self.device):
-            raise UsageError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
-        for name in ("p_text_drop", "p_context_drop", "p_word_drop"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name):g}")
-        if min(self.dim, self.layers, self.heads) < 0:
-            raise UsageError("--dim, --layers and --heads must be >= 1")
         if self.preset == "small" and (self.dim or self.layers or self.heads):
             raise UsageError("--dim/--layers/--heads only apply to --preset tiny (small keeps the base's shape)")
         d = self.data_cfg
@@ -119,12 +118,8 @@ class TrainConfig:
             raise UsageError("--align-init needs --preset tiny and one context length (--context-min = --context-max, "
                              "and --p-full-context 0 unless that length is the window): the head it sets looks a fixed "
                              "number of steps back")
-        if self.code_cache and self.data_cfg.augment:
+        if self.code_cache and d.augment:
             raise UsageError("--code-cache needs --no-augment: a stretched or shifted window has no whole-song codes")
-        try:
-            self.data_cfg.check()
-        except ValueError as e:
-            raise UsageError(str(e)) from None
 
     def lr_at(self, step: int) -> float:
         """The learning rate of optimizer step `step` (0-based): --lr, then --cooldown-lr for the last
@@ -143,8 +138,6 @@ class TrainConfig:
             d["data_cfg"][k] = list(d["data_cfg"][k]) if d["data_cfg"][k] is not None else None
         return d
 
-
-CLIP_MODES, PRECISIONS, SEPARATOR_INITS = ("value", "norm"), ("fp16", "bf16", "fp32"), ("kaiming", "mean")
 
 
 # ---- model --------------------------------------------------------------------------------------
