@@ -34,7 +34,7 @@ import torch
 
 from stage_min import delay
 from stage_min.cli.options import OneLineParser
-from stage_min.generate import SamplingConfig, compiled_step, generate_tokens
+from stage_min.generate import SamplingConfig, compiled_step, fast_cpu_decode, generate_tokens
 from stage_min.io.loading import lm_config_from_hf, lm_state_from_hf, load_strict
 from stage_min.model import LMConfig, MusicGenLM
 
@@ -66,7 +66,7 @@ def our_lm(hf) -> MusicGenLM:
     with torch.device("meta"):
         lm = MusicGenLM(cfg)
     load_strict(lm, lm_state_from_hf(state, cfg), "LM weights", assign=True)
-    return lm.eval()
+    return fast_cpu_decode(lm.eval())  # as from_pretrained loads it
 
 
 def memory_bandwidth(n_bytes: int = 1 << 30, device="cpu") -> float:
@@ -206,7 +206,7 @@ def stage_pair(preset: LMConfig, device, dtype):
     with torch.device("meta"):
         lm = MusicGenLM(cfg)
     load_strict(lm, gather(state, stage_lm_key_table(cfg), "STAGE weights"), "LM weights", assign=True)
-    return decoder.to(device), lm.to(device, dtype).eval()
+    return decoder.to(device), fast_cpu_decode(lm.to(device, dtype).eval())
 
 
 def bench_stage(args, device, dtype):
@@ -378,7 +378,7 @@ def bench_train(args, device):
     print(json.dumps(result), flush=True)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = OneLineParser(description=__doc__)
     p.add_argument("--mode", default="decode", choices=["decode", "stage", "train", "song", "song-f1"], help="decode: LM decoding speed, ours against transformers (eager, static cache, compiled); train: forward + backward + AdamW, ours against transformers; stage: accompaniment, ours against the original STAGE loop; song: a whole song in windows; song-f1: beat F1 of a whole song against its first 10 s")
     p.add_argument("--batch", type=int, default=4, help="train: rows per step")
@@ -403,19 +403,25 @@ def main(argv=None):
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     args = p.parse_args(argv)
+    if args.mode == "song-f1" and not args.model:
+        p.error("--mode song-f1 needs --model (a trained STAGE drums model)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")), getattr(torch, args.dtype)
     if args.mode == "train":
         return bench_train(args, device) if args.variant == "all" else bench_train_variant(args, device)
-    if args.mode == "stage":
-        return bench_stage(args, device, dtype)
-    if args.mode == "song":
-        return bench_song(args, device, dtype)
-    if args.mode == "song-f1":
-        if not args.model:
-            p.error("--mode song-f1 needs --model (a trained STAGE drums model)")
-        return bench_song_f1(args, device, dtype)
+    modes = {"decode": bench_decode, "stage": bench_stage, "song": bench_song, "song-f1": bench_song_f1}
+    return modes[args.mode](args, device, dtype)
+
+
+def bench_decode(args, device, dtype):
+    """Decode steps per second: ours eager and compiled, against transformers' generate, with the same
+    random weights, prompt and sampling; then memory and memory-bandwidth utilisation."""
     steps = args.steps or (256 if args.config == "tiny" else 64)
     preset = LMConfig.preset(args.config)
     if steps < preset.n_codebooks:
@@ -475,6 +481,13 @@ def main(argv=None):
         result["hf_steps_per_s"] = round(steps / t_hf, 2)
         result["speedup"] = round(t_hf / best, 2)  # best of eager and compiled (compile time excluded)
         result["speedup_eager"] = round(t_hf / t_ours, 2)  # the default path, nothing to compile
+    result.update(memory_figures(lm, best / steps, device))
+    print(json.dumps(result), flush=True)
+
+
+def memory_figures(lm, step_seconds: float, device) -> dict:
+    """Peak memory, the weight bytes a decode step reads, and the share of the memory bandwidth it reaches."""
+    result = {}
     if device.type == "cuda":
         result["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     else:  # the whole process (both models, Python, libraries): an upper bound
@@ -484,8 +497,8 @@ def main(argv=None):
     result["weight_mb_per_step"] = round(weight_bytes / 2**20, 1)
     result["bandwidth_gbps"] = round(bandwidth / 1e9, 1)
     # the average step of the best whole run (text encoder, set-up and prefill included: a slight underestimate)
-    result["mbu"] = round(weight_bytes / (best / steps) / bandwidth, 3)
-    print(json.dumps(result), flush=True)
+    result["mbu"] = round(weight_bytes / step_seconds / bandwidth, 3)
+    return result
 
 
 if __name__ == "__main__":

@@ -102,20 +102,6 @@ def positions_from_keep(keep: torch.Tensor) -> torch.Tensor:
     return (keep.long().cumsum(-1) - 1).clamp(min=0)
 
 
-class Linear(nn.Linear):
-    """nn.Linear without bias, whose product with a few rows (a decode step: 1-4 rows) on a CPU in fp32 is
-    computed as (W @ x^T)^T. The sgemm path F.linear takes for so few rows reads the weight at a third to
-    a half of memory bandwidth here; the transposed order streams it at about full speed, and a decode
-    step is little else (bench.py --config small: 1.8x more steps/s). Same weights, same state-dict names;
-    training (many rows) and other dtypes/devices take F.linear."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= 4 * x.shape[-1] and x.dtype == torch.float32 and x.device.type == "cpu":
-            rows = x.reshape(-1, x.shape[-1]).contiguous()  # row-major rows: the fast kernel wants x^T column-major
-            return (self.weight @ rows.T).T.reshape(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight)
-
-
 class KVCache(nn.Module):
     """Static keys/values for one self-attention layer, written in place at `input_pos`.
 
@@ -138,8 +124,8 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
-        self.qkv = Linear(cfg.dim, 3 * cfg.dim, bias=False)  # fused q, k, v: one matmul instead of three
-        self.out = Linear(cfg.dim, cfg.dim, bias=False)
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)  # fused q, k, v: one matmul instead of three
+        self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, mask, input_pos=None):
@@ -159,9 +145,9 @@ class CrossAttention(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
-        self.q = Linear(cfg.dim, cfg.dim, bias=False)
-        self.kv = Linear(cfg.dim, 2 * cfg.dim, bias=False)
-        self.out = Linear(cfg.dim, cfg.dim, bias=False)
+        self.q = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.kv = nn.Linear(cfg.dim, 2 * cfg.dim, bias=False)
+        self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
         # this generation's text keys/values (set by MusicGenLM.setup_cache), buffers for CUDA graphs
         self.register_buffer("cache_k", None, persistent=False)
         self.register_buffer("cache_v", None, persistent=False)
@@ -185,13 +171,13 @@ class Block(nn.Module):
         self.norm_cross = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.cross_attn = CrossAttention(cfg)
         self.norm_ffn = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.ffn_in = Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.ffn_out = Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.ffn_in = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.ffn_out = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
     def forward(self, x, self_mask, cross_k, cross_v, cross_mask, input_pos=None):
         x = x + self.self_attn(self.norm_self(x), self_mask, input_pos)
-        # Only the first cross_k.shape[0] rows have a text; the others (the unconditional half of a
-        # guidance batch) have an all-zero text, whose cross-attention output is exactly zero: skip it.
+        # Rows past the text's (the unconditional half of a guidance batch, generate.guidance_batch) have
+        # the all-zero null text, whose cross-attention output is exactly zero: skipped.
         n_text = cross_k.shape[0]
         h = self.cross_attn(self.norm_cross(x[:n_text]), cross_k, cross_v, cross_mask)
         x = torch.cat([x[:n_text] + h, x[n_text:]]) if n_text < x.shape[0] else x + h
@@ -207,7 +193,7 @@ class MusicGenLM(nn.Module):
         self.embed = nn.ModuleList([nn.Embedding(cfg.vocab_in, cfg.dim, padding_idx=pad_row) for _ in range(cfg.n_codebooks)])
         self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
         self.norm_out = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.heads = nn.ModuleList([Linear(cfg.dim, cfg.card, bias=False) for _ in range(cfg.n_codebooks)])
+        self.heads = nn.ModuleList([nn.Linear(cfg.dim, cfg.card, bias=False) for _ in range(cfg.n_codebooks)])
         self.max_steps = 0  # size of the static cache, 0 when none is set up
         # generation state, set by setup_cache: all of it buffers, so a compiled step sees fixed addresses
         for name in ("cross_mask", "cache_keep", "n_dropped", "step_ids"):

@@ -5,7 +5,7 @@ import torch
 
 from . import delay
 from .codec import Codec
-from .generate import SamplingConfig, compiled_step, generate_tokens
+from .generate import SamplingConfig, compiled_step, generate_tokens, guidance_batch
 from .model import MusicGenLM
 from .stage import generation_rows
 from .text import TextEncoder
@@ -64,10 +64,10 @@ class MusicGen(torch.nn.Module):
             no_context = torch.zeros(len(prompts), K, 0, dtype=torch.long, device=self.device)
             return self._stage_rows(no_context, torch.zeros(len(prompts), dtype=torch.long, device=self.device),
                                     prompts, n_frames, sampling, seed, progress, compile)
-        R = len(prompts) * (2 if sampling.cfg_coef != 1.0 else 1)  # rows: conditional (+ unconditional)
-        valid = delay.valid_mask(K, n_frames, self.device)
-        grid = torch.full((R, K, n_frames + K), special, dtype=torch.long, device=self.device)
-        known = ~valid.expand(R, K, n_frames + K)  # the start step and the delay gaps are given
+        B, valid = len(prompts), delay.valid_mask(K, n_frames, self.device)
+        rows = (torch.full((B, K, n_frames + K), special, dtype=torch.long, device=self.device),
+                ~valid.expand(B, K, n_frames + K))  # grid, known: the start step and the delay gaps are given
+        grid, known = guidance_batch(rows, rows if sampling.cfg_coef != 1.0 else None)  # same rows, null text
         codes = delay.deinterleave(self._fill(prompts, grid, known, None, sampling, seed, progress, compile))
         return self.codec.decode(codes).float(), codes
 

@@ -9,12 +9,18 @@ Which steps are removed: step s holds frame s-1-k of codebook k. Steps 1..C put 
 in codebook 0; those of padded or dropped frames go. Later steps mix frames (codebook 0 may hold
 the separator while codebook 3 still holds a context frame); they stay, and any padded or dropped
 frame in them is the special token, which is also what the delay gap holds without a context.
+
+Training reads the loss on target frames only (`target_loss`): the context is given, never predicted.
 """
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from . import delay
+from .generate import guidance_batch
+from .model import MusicGenLM
 
 
 @dataclass
@@ -63,9 +69,9 @@ def build_sequence(
 
 def generation_rows(context: torch.Tensor, context_lengths: torch.Tensor, n_target: int, special: int,
                     context_id: int, guidance: bool, given: torch.Tensor | None = None):
-    """Grid, known tokens and keep mask for generate_tokens. With guidance, the conditional rows are
-    followed by unconditional ones that drop the context (blanked and removed from attention) but
-    keep the separator; their text is dropped by generate_tokens. given (B, K, n_target): target
+    """Grid, known tokens and keep mask for generate_tokens, in generate.guidance_batch's row layout:
+    with guidance, the unconditional rows drop the context (blanked and removed from attention) but
+    keep the separator. given (B, K, n_target): target
     frames known in advance (a continuation, or the overlap with a song's previous window), the
     special token where a frame is to be sampled; both halves get them. Returns (grid, known, keep, C)."""
     def rows(drop):
@@ -73,8 +79,55 @@ def generation_rows(context: torch.Tensor, context_lengths: torch.Tensor, n_targ
         # a real code is never the special id, so a target token that is not special was given
         return seq.grid, seq.known | (seq.target & (seq.grid != special)), seq.keep, seq.n_context
 
-    grid, known, keep, C = rows(None)
-    if not guidance:
-        return grid, known, keep, C
-    null_grid, null_known, null_keep, _ = rows(torch.ones(context.shape[0], dtype=torch.bool, device=context.device))
-    return torch.cat([grid, null_grid]), torch.cat([known, null_known]), torch.cat([keep, null_keep]), C
+    *conditional, C = rows(None)
+    unconditional = rows(torch.ones(context.shape[0], dtype=torch.bool, device=context.device))[:3] if guidance else None
+    return (*guidance_batch(tuple(conditional), unconditional), C)
+
+
+# ---- the training loss: target frames only ------------------------------------------------------
+def valid_steps(target: torch.Tensor) -> torch.Tensor:
+    """The target mask without the last k frames of codebook k: the original's keep_only_valid_steps,
+    which cuts the delayed sequence where the last frame of codebook 0 is, so that those tokens are
+    never predicted. target (B, K, S) over a grid of S = frames + K steps."""
+    B, K, S = target.shape
+    frame = delay.frame_index(K, S, target.device)
+    k = torch.arange(K, device=target.device)[:, None]
+    return target & (frame < (S - K) - k)
+
+
+def target_loss(logits: torch.Tensor, grid: torch.Tensor, target: torch.Tensor, valid_only: bool = True,
+                first: int = 0) -> torch.Tensor:
+    """Cross-entropy on target-frame tokens only (valid steps only, by default), averaged per
+    codebook, then over codebooks. logits[:, :, s-1-first] predict grid[:, :, s]: logits may start at
+    step `first` (the LM's first_logit), all earlier steps being context."""
+    B, K, S = grid.shape
+    mask = (valid_steps(target) if valid_only else target)[:, :, first + 1:]
+    lg = logits[:, :, :-1][mask].float()  # (N, card)
+    y = grid[:, :, first + 1:][mask]
+    k = torch.arange(K, device=grid.device)[None, :, None].expand(B, K, S - 1 - first)[mask]
+    ce = F.cross_entropy(lg, y, reduction="none")
+    per_k = torch.zeros(K, device=ce.device).index_add(0, k, ce) / torch.bincount(k, minlength=K).clamp(min=1)
+    return per_k.mean()
+
+
+def first_target_logit(target: torch.Tensor) -> int:
+    """The step whose logits predict the first target token: every row's context ends at the same
+    step (contexts are right-aligned), so no logits are needed before it."""
+    steps = target.any(1).any(0).nonzero()
+    return max(int(steps[0]) - 1, 0) if len(steps) else 0
+
+
+class StageLoss(nn.Module):
+    """The LM with its loss, as one module, so that DistributedDataParallel sees the text
+    projection and the decoder used in one forward. Logits are made for target steps only: a STAGE
+    window is half context, whose logits no loss reads (half the output-head work and logits memory)."""
+
+    def __init__(self, lm: MusicGenLM, valid_only: bool = True):
+        super().__init__()
+        self.lm, self.valid_only = lm, valid_only
+
+    def forward(self, grid, keep, target, states, mask):
+        text = self.lm.project_text(states, mask)
+        first = first_target_logit(target)
+        logits = self.lm(grid, text, mask, keep, first_logit=first)
+        return target_loss(logits, grid, target, self.valid_only, first)

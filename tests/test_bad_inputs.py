@@ -354,8 +354,10 @@ def test_non_finite_loss_stops_without_saving_over_the_last_checkpoint(tiny_hf, 
     run = tmp_path / "run"
     train.main(train_args(tiny_hf, dataset, run, "--save-every", "1", steps=1))
     good = digest(run / "step-00000001")
-    real = T.target_loss
-    monkeypatch.setattr(T, "target_loss", lambda *a: real(*a) * float("nan"))
+    from stage_min import stage
+
+    real = stage.target_loss
+    monkeypatch.setattr(stage, "target_loss", lambda *a: real(*a) * float("nan"))
     line = one_line_exit_2(train.main, train_args(tiny_hf, dataset, run, "--resume", "--save-every", "1", steps=3), capsys,
                            after_progress=True)
     assert "is not finite; stopped without saving" in line

@@ -13,7 +13,7 @@ import torch
 from transformers import EncodecConfig, EncodecModel, T5Config, T5EncoderModel
 
 from ..codec import Codec
-from ..generate import SamplingConfig
+from ..generate import SamplingConfig, fast_cpu_decode
 from ..model import MusicGenLM
 from ..pipeline import MusicGen
 from ..text import TextEncoder
@@ -43,6 +43,7 @@ def from_pretrained(name: str, device="cpu", dtype=torch.float32, stage: bool = 
                      window_frames=window_frames(ckpt.config.get("window_seconds"), codec.frame_rate, name))
     model = model.to(device).eval()
     model.lm.to(dtype)  # only the LM: T5 overflows in fp16, and the codec runs once, so both stay fp32
+    fast_cpu_decode(model.lm)  # CPU decode steps stream the weights faster (a no-op elsewhere)
     model.context_token_added = context_token_added  # an untrained row: the stem will not follow a context
     model.layout = ckpt.layout
     return model

@@ -16,16 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .. import delay
 from .options import PROBABILITY, SEED, Rule, above, at_least, check_options, one_of, option, within
 from .data import DataConfig, Example, context_frames, load_stem
 from ..io.loading import (LATEST, LoadError, follow_latest, is_native, read_config, safe_torch_load, save_native, with_default_mode, write_atomic)
 from ..io.metronome import click_track
 from ..model import LMConfig, MusicGenLM
 from ..songs import encode_contexts
-from ..stage import build_sequence
+from ..stage import StageLoss, build_sequence, target_loss  # noqa: F401 (T.target_loss, T.StageLoss)
 
 STATE_FILE = "train_state.pt"  # optimizer, step and RNG states, beside the model files
 METRICS_FILE = "metrics.jsonl"
@@ -385,54 +383,6 @@ def draw_examples(windows, cfg: TrainConfig, step: int, micro: int, indices) -> 
 
 
 # ---- loss ---------------------------------------------------------------------------------------
-def valid_steps(target: torch.Tensor) -> torch.Tensor:
-    """The target mask without the last k frames of codebook k: the original's keep_only_valid_steps,
-    which cuts the delayed sequence where the last frame of codebook 0 is, so that those tokens are
-    never predicted. target (B, K, S) over a grid of S = frames + K steps."""
-    B, K, S = target.shape
-    frame = delay.frame_index(K, S, target.device)
-    k = torch.arange(K, device=target.device)[:, None]
-    return target & (frame < (S - K) - k)
-
-
-def target_loss(logits: torch.Tensor, grid: torch.Tensor, target: torch.Tensor, valid_only: bool = True,
-                first: int = 0) -> torch.Tensor:
-    """Cross-entropy on target-frame tokens only (valid steps only, by default), averaged per
-    codebook, then over codebooks. logits[:, :, s-1-first] predict grid[:, :, s]: logits may start at
-    step `first` (the LM's first_logit), all earlier steps being context."""
-    B, K, S = grid.shape
-    mask = (valid_steps(target) if valid_only else target)[:, :, first + 1:]
-    lg = logits[:, :, :-1][mask].float()  # (N, card)
-    y = grid[:, :, first + 1:][mask]
-    k = torch.arange(K, device=grid.device)[None, :, None].expand(B, K, S - 1 - first)[mask]
-    ce = F.cross_entropy(lg, y, reduction="none")
-    per_k = torch.zeros(K, device=ce.device).index_add(0, k, ce) / torch.bincount(k, minlength=K).clamp(min=1)
-    return per_k.mean()
-
-
-def first_target_logit(target: torch.Tensor) -> int:
-    """The step whose logits predict the first target token: every row's context ends at the same
-    step (contexts are right-aligned), so no logits are needed before it."""
-    steps = target.any(1).any(0).nonzero()
-    return max(int(steps[0]) - 1, 0) if len(steps) else 0
-
-
-class StageLoss(nn.Module):
-    """The LM with its loss, as one module, so that DistributedDataParallel sees the text
-    projection and the decoder used in one forward. Logits are made for target steps only: a STAGE
-    window is half context, whose logits no loss reads (half the output-head work and logits memory)."""
-
-    def __init__(self, lm: MusicGenLM, valid_only: bool = True):
-        super().__init__()
-        self.lm, self.valid_only = lm, valid_only
-
-    def forward(self, grid, keep, target, states, mask):
-        text = self.lm.project_text(states, mask)
-        first = first_target_logit(target)
-        logits = self.lm(grid, text, mask, keep, first_logit=first)
-        return target_loss(logits, grid, target, self.valid_only, first)
-
-
 @torch.no_grad()
 def evaluate(lm: MusicGenLM, batches: list[dict], autocast, valid_only: bool = True) -> dict:
     """Target-frame loss on held-out windows, with the real context and with the context dropped:
