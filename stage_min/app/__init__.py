@@ -1,0 +1,1 @@
+"""The web demo's page (gradio); app.py at the top starts it."""

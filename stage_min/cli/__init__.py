@@ -1,0 +1,1 @@
+"""What the scripts share: one-line errors, help that shows defaults, sampling options, and sample.py's job."""

@@ -1,0 +1,1 @@
+"""Fine-tuning into STAGE: options, stems datasets and windows, batches, checkpoints, beats, captions, augmentation."""
