@@ -86,6 +86,7 @@ class DataConfig:
     speed_max: float = 1.2
     p_pitch: float = 0.5
     pitch_semitones: int = 4  # shift drawn in [-n, n] whole semitones
+    augment_engine: str = "pedalboard"  # or "pylibrb" (the original's binding; stage_min.train.augment)
     beat_tracker: str = "librosa"  # for songs without beats.txt: librosa or beat_this
 
     def check(self):
@@ -110,6 +111,8 @@ class DataConfig:
             raise ValueError(f"need 0 < --speed-min <= --speed-max <= 4 (a time ratio), got {self.speed_min:g}, {self.speed_max:g}")
         if not 0 <= self.pitch_semitones <= 12:
             raise ValueError(f"--pitch-semitones must be in [0, 12], got {self.pitch_semitones}")
+        if self.augment_engine not in augment.ENGINES:
+            raise ValueError(f"--augment-engine must be one of {', '.join(augment.ENGINES)}, got {self.augment_engine!r}")
         if self.silence_rule not in SILENCE_RULES:
             raise ValueError(f"--silence-rule must be one of {', '.join(SILENCE_RULES)}, got {self.silence_rule!r}")
         if self.retry not in RETRIES:
@@ -524,4 +527,4 @@ class StemWindows:
 
     def _window(self, files: list[Path], t0: float, seconds: float, aug: augment.Augmentation) -> np.ndarray:
         audio = read_segment(files, t0, seconds, self.sample_rate)
-        return augment.apply(audio, self.sample_rate, aug, self.n_target * self.hop)
+        return augment.apply(audio, self.sample_rate, aug, self.n_target * self.hop, self.cfg.augment_engine)
