@@ -49,7 +49,18 @@ STAGE_CONTEXT_STEMS = ("drums", "bass", "guitar", "other_keys", "piano", "bowed_
 # encoded per window), peaks of the whole song and downbeats; 4: per-frame signed maxima too
 CACHE_VERSION = 4
 SILENCE_RULES = ("max", "peak")
+ENCODE_PRECISIONS = ("fp32", "fp16")
 RETRIES = ("same-song", "any-song")
+
+
+def encode_autocast(device, precision: str = "fp32"):
+    """The context training windows are encoded in: fp16 autocast on the device for "fp16" (the
+    original's: its whole step, encoding included, runs under Lightning's 16-mixed), else none."""
+    import contextlib
+
+    if precision == "fp16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.float16)
+    return contextlib.nullcontext()
 
 
 class DataError(Exception):
@@ -87,6 +98,9 @@ class DataConfig:
     p_pitch: float = 0.5
     pitch_semitones: int = 4  # shift drawn in [-n, n] whole semitones
     augment_engine: str = "pedalboard"  # or "pylibrb" (the original's binding; stage_min.train.augment)
+    # "fp16": encode training windows inside fp16 autocast, as the original does under Lightning's
+    # 16-mixed (codes differ from fp32 ones; docs/training.md measures how many); "fp32": as inference
+    encode_precision: str = "fp32"
     beat_tracker: str = "librosa"  # for songs without beats.txt: librosa or beat_this
 
     def check(self):
@@ -111,6 +125,8 @@ class DataConfig:
             raise ValueError(f"need 0 < --speed-min <= --speed-max <= 4 (a time ratio), got {self.speed_min:g}, {self.speed_max:g}")
         if not 0 <= self.pitch_semitones <= 12:
             raise ValueError(f"--pitch-semitones must be in [0, 12], got {self.pitch_semitones}")
+        if self.encode_precision not in ENCODE_PRECISIONS:
+            raise ValueError(f"--encode-precision must be one of {', '.join(ENCODE_PRECISIONS)}, got {self.encode_precision!r}")
         if self.augment_engine not in augment.ENGINES:
             raise ValueError(f"--augment-engine must be one of {', '.join(augment.ENGINES)}, got {self.augment_engine!r}")
         if self.silence_rule not in SILENCE_RULES:

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import delay
-from .data import DataConfig, Example, context_frames, load_stem
+from .data import DataConfig, Example, context_frames, encode_autocast, load_stem
 from ..io.loading import (LATEST, LoadError, follow_latest, is_native, read_config, safe_torch_load, save_native, with_default_mode, write_atomic)
 from ..io.metronome import click_track
 from ..model import LMConfig, MusicGenLM
@@ -350,11 +350,12 @@ class SongCodes:
 
 
 def make_batch(model, examples: list[Example], drop_text: list, drop_context: list, device,
-               song_codes: SongCodes | None = None) -> dict:
+               song_codes: SongCodes | None = None, encode_precision: str = "fp32") -> dict:
     lm_cfg = model.lm.cfg
     if song_codes is None:
-        context, lengths = encode_contexts(model.codec, [e.context for e in examples], lm_cfg.special_id, device)
-        target = encode_targets(model.codec, [e.target for e in examples], device)
+        with encode_autocast(device, encode_precision):  # DataConfig.encode_precision
+            context, lengths = encode_contexts(model.codec, [e.context for e in examples], lm_cfg.special_id, device)
+            target = encode_targets(model.codec, [e.target for e in examples], device)
     else:
         hop, target_stem = model.codec.hop, song_codes.songs[examples[0].song].target
         target = torch.stack([song_codes.window(e.song, (target_stem,), e.start, len(e.target) // hop) for e in examples])
