@@ -1,7 +1,7 @@
 """Checkpoint layouts: audiocraft and official STAGE checkpoints in, transformers and native out.
 
 Each layout is built here from tiny random weights: the audiocraft files from a transformers model
-through the key table of REFERENCE.md section 4 and audiocraft's SEANet/RVQ names; the STAGE file
+through the key table of docs/original.md#musicgen-and-encodec and audiocraft's SEANet/RVQ names; the STAGE file
 from x-transformers 1.26.0 modules set up as the STAGE code sets them up. Logits are compared with
 the reference implementation of each layout (transformers, x-transformers).
 """

@@ -247,7 +247,7 @@ def lm_config_from_audiocraft(best: dict, xp: dict) -> LMConfig:
 
 
 def audiocraft_lm_key_table(cfg: LMConfig) -> list[tuple[str, str, slice | None]]:
-    """(our key, audiocraft key, rows of it). Fused in_proj rows are q, k, v (REFERENCE.md section 4)."""
+    """(our key, audiocraft key, rows of it). Fused in_proj rows are q, k, v (docs/original.md#musicgen-and-encodec)."""
     D = cfg.dim
     table = [(f"text_proj.{p}", f"condition_provider.conditioners.description.output_proj.{p}", None) for p in ("weight", "bias")]
     table += [(f"embed.{k}.weight", f"emb.{k}.weight", None) for k in range(cfg.n_codebooks)]
@@ -316,7 +316,7 @@ def _conv_shape(state: dict, prefix: str):
 def encodec_config_from_weights(state: dict, xp: dict) -> dict:
     """An EncodecConfig dict for transformers-named EnCodec weights. Every size is read off a weight
     shape (a downsampling conv has kernel 2 * ratio); what weights do not show (sample rate,
-    causality, dilation) comes from xp.cfg, else MusicGen's 32 kHz values (REFERENCE.md section 5)."""
+    causality, dilation) comes from xp.cfg, else MusicGen's 32 kHz values (docs/original.md#musicgen-and-encodec)."""
     from transformers import EncodecConfig
 
     convs = sorted(int(m.group(1)) for k in state if (m := re.fullmatch(r"encoder\.layers\.(\d+)\.conv\.(bias)", k)))

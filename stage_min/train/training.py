@@ -196,7 +196,7 @@ def init_aligned(lm: MusicGenLM, offset: int, embed_std: float = 0.3, gain: floa
 
 def build_model(cfg: TrainConfig):
     """-> (MusicGen pipeline with a STAGE LM, base string to record in checkpoints). The new LM is
-    set up as the original's (REFERENCE.md 8.7) unless the config says otherwise: special row zeroed
+    set up as the original's (docs/original.md#model) unless the config says otherwise: special row zeroed
     and frozen, start step masked, separator row Kaiming-normal."""
     from ..pipeline import MusicGen
     from ..io.pretrained import from_pretrained
