@@ -197,7 +197,8 @@ def load_data(run: Run, train_songs: list, val_songs: list):
         ex = T.validation_windows(val_songs, val_data, cfg, codec, stats)
         for i in range(0, len(ex), run.micro_bs):
             chunk = ex[i:i + run.micro_bs]
-            eval_batches.append(T.make_batch(run.model, chunk, [False] * len(chunk), [False] * len(chunk), run.device))
+            eval_batches.append(T.make_batch(run.model, chunk, [False] * len(chunk), [False] * len(chunk), run.device,
+                                             encode_precision=cfg.data_cfg.encode_precision))
         n_params = sum(p.numel() for p in run.model.lm.parameters())
         print(f"{len(windows.songs)} training songs, {len(val_data)} held out; {stats.summary()}; "
               f"LM {n_params / 1e6:.1f}M parameters; {run.world} process(es), {run.micro_bs} x {cfg.grad_accum} per process; "
@@ -213,7 +214,7 @@ def train_step(run: Run, windows, song_codes) -> tuple[float, int]:
     for micro in range(cfg.grad_accum):
         first = run.rank * run.micro_bs
         examples, drop_text, drop_ctx = T.draw_examples(windows, cfg, run.step, micro, range(first, first + run.micro_bs))
-        b = T.make_batch(run.model, examples, drop_text, drop_ctx, run.device, song_codes)
+        b = T.make_batch(run.model, examples, drop_text, drop_ctx, run.device, song_codes, cfg.data_cfg.encode_precision)
         # DDP averages gradients on the last micro-batch only; no_sync() is single-use, one per micro-batch
         last = run.world == 1 or micro == cfg.grad_accum - 1
         with contextlib.nullcontext() if last else run.loss_fn.no_sync():

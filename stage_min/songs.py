@@ -171,3 +171,43 @@ def stack_songs(models: dict, songs: list, prompts: list[str], window_s: float =
 def stack(models: dict, song, prompt: str = "", **kwargs) -> tuple[dict, torch.Tensor]:
     """One song -> ({stem: audio} for each stem of `models`, in order; the mix). See stack_songs."""
     return stack_songs(models, [song], [prompt], **kwargs)[0]
+
+
+# ---- the original's inference: one stem on the whole context ---------------------------------------
+TRAINED_FRAMES = 1500  # MusicGen's 30 s training sequences: context + separator + stem beyond this are new ground
+
+
+def context_cut_notice(total_frames: int, kept_frames: int, stem_frames: int, frame_rate: float) -> str | None:
+    """The stderr line for a context cut to `kept_frames` of its `total_frames` (None when nothing is
+    cut): any cut, not only one forced by the model's window, since the original would have taken it all."""
+    if kept_frames >= total_frames:
+        return None
+    return (f"note: the context is {total_frames / frame_rate:.2f} s; kept its first {kept_frames / frame_rate:.2f} s "
+            f"for a {stem_frames / frame_rate:.2f} s stem (the original STAGE conditions one stem on the whole context; "
+            f"ask for that mode to keep all of it)")
+
+
+@torch.no_grad()
+def accompany_whole_context(model, contexts: list, prompts: list[str], n_frames: int = 500,
+                            sampling: SamplingConfig | None = None, seed: int | None = None,
+                            progress: bool = False, compile: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The original STAGE's inference (docs/original.md#inference): one stem of `n_frames` (default
+    500, its fixed 10 s) conditioned on each whole context, however long, each context encoded
+    whole on its own: `[all context frames][separator][stem]`. Stem frame t plays with context
+    frame t; past the context's end the stem goes on alone. Contexts longer than the stem are where
+    this differs from `accompany_songs` (windows: the stem spans the song, each window sees only its
+    own span) and from MusicGen.accompany (the context cut to the stem's length). Sequences longer
+    than MusicGen's 30 s (TRAINED_FRAMES) run at positions the base model never saw; nothing stops
+    that here, as nothing does in the original. Returns audio (B, 1, samples) fp32 and codes (B, K, n_frames)."""
+    if model.lm.cfg.n_special < 2:
+        raise ValueError("this model has no context token; load it with stage=True or use a STAGE checkpoint")
+    if n_frames < 1:
+        raise ValueError(f"n_frames must be >= 1, got {n_frames}")
+    sampling = sampling or getattr(model, "sampling", None) or SamplingConfig()
+    sampling.check()
+    cfg = model.lm.cfg
+    codes = [model.encode_context(torch.as_tensor(np.asarray(c, dtype=np.float32)))[0] for c in contexts]  # each whole, alone
+    lengths = torch.tensor([c.shape[-1] for c in codes], device=model.device)
+    C = int(lengths.max())
+    context = torch.stack([torch.nn.functional.pad(c, (C - c.shape[-1], 0), value=cfg.special_id) for c in codes])
+    return model._stage_rows(context, lengths, prompts, n_frames, sampling, seed, progress, compile)

@@ -292,7 +292,7 @@ def test_word_dropout_removes_words_at_the_given_rate():
     assert drop_words(caption, 1.0, np.random.default_rng(0)) == ""
 
 
-# ---- the original recipe (REFERENCE.md 8.8) ------------------------------------------------------
+# ---- the original recipe (docs/original.md#data) ------------------------------------------------------
 def test_default_context_stems_are_the_originals(tmp_path):
     write_song(tmp_path / "s", {name: tone(3, 100 + 50 * i) for i, name in enumerate(
         ["drums", "bass", "guitar", "vocals", "percussion", "wind", "other_plucked", "piano"])})
@@ -418,3 +418,80 @@ def test_beat_this_is_optional_with_a_clear_error(monkeypatch):
     monkeypatch.setattr(beats, "_beat_this", {})
     t, down = D.track_beats(np.zeros(SR, np.float32), SR, "beat_this")
     assert t.tolist() == [0.5, 1.0, 1.5, 2.0, 2.5] and down.tolist() == [False, True, False, False, True]
+
+
+# ---- the original's captions, silence rule and window retries (docs/original.md#data) ------------
+def test_original_captions_from_features_json(tmp_path):
+    from stage_min.train.captions import original_caption
+
+    assert original_caption({"genres": "Rock", "moods": "happy"}) == "Genre: Rock. Mood: happy. "
+    assert original_caption({"genres": "Rock, Alternative Rock,Pop Rock,Indie", "moods": "energetic, happy"}) == \
+        "Genres: Rock, Alternative Rock, Pop Rock. Moods: energetic, happy. "  # the first 3 only
+    assert original_caption({"moods": "calm"}) == "Mood: calm. "
+    assert original_caption({"genres": "", "moods": "calm"}) == "Genre: . Mood: calm. "  # the original's own output
+    write_song(tmp_path / "labelled", {"drums": tone(1)})
+    (tmp_path / "labelled" / "features.json").write_text('{"genres": "Funk,Soul", "moods": "groovy", "bpm": 100}')
+    write_song(tmp_path / "both", {"drums": tone(1)}, caption="my own caption")
+    (tmp_path / "both" / "features.json").write_text('{"genres": "Funk", "moods": "groovy"}')
+    write_song(tmp_path / "broken", {"drums": tone(1)})
+    (tmp_path / "broken" / "features.json").write_text("{not json")
+    captions = {s.name: s.caption for s in D.find_songs(tmp_path)}
+    assert captions == {"labelled": "Genres: Funk, Soul. Mood: groovy. ", "both": "my own caption", "broken": ""}
+
+
+def test_silence_rule_is_the_signed_maximum_by_default(tmp_path):
+    # a bass whose samples are all <= 0 (loud, but only negative half-waves): the original's signed
+    # maximum calls it silent, the peak rule does not
+    negative = -np.abs(tone(2, 55, amp=0.5))
+    write_song(tmp_path / "s", {"drums": tone(2, 100), "bass": negative, "guitar": tone(2, 300, amp=0.3)})
+    for rule, expected in (("max", {"guitar"}), ("peak", {"bass", "guitar"})):
+        cfg = plain(target_seconds=1.0, context_min=1.0, context_max=1.0, p_metronome=0.0, silence_rule=rule)
+        assert cfg.silence_rule == rule
+        songs, stats, codec = prepare(tmp_path, cfg, cache=tmp_path / f".cache-{rule}")
+        w = D.StemWindows(songs, cfg, codec.frame_rate, SR, stats)
+        used = {s for i in range(40) for s in w.draw(np.random.default_rng(i)).context_stems}
+        assert used == expected, rule
+    assert D.DataConfig().silence_rule == "max"
+    with pytest.raises(ValueError, match="silence-rule"):
+        D.DataConfig(silence_rule="rms").check()
+
+
+def test_window_retries_stay_in_the_song_until_two_stems_play(tmp_path):
+    # drums all along, the bass only in 6..7 s of 8 s: the original retries start positions in the
+    # same song until the target and one more stem play, click windows included
+    write_song(tmp_path / "s", {"drums": tone(8, 100), "bass": tone(8, 55, start=6.0, stop=7.0)},
+               beats=[(0.5 * i, i % 4 + 1) for i in range(16)])
+    for p_metronome in (0.0, 1.0):
+        cfg = plain(target_seconds=1.0, context_min=1.0, context_max=1.0, p_metronome=p_metronome)
+        songs, stats, codec = prepare(tmp_path, cfg)
+        w = D.StemWindows(songs, cfg, codec.frame_rate, SR, stats)
+        starts = [w.draw(np.random.default_rng(i)).start for i in range(30)]
+        assert all(250 < f < 350 for f in starts), (p_metronome, starts)  # the window overlaps 6..7 s
+    cfg.retry = "any-song"  # this code's earlier rule: a click window needs only the target
+    starts = [w.draw(np.random.default_rng(i)).start for i in range(30)]
+    assert sum(not 250 < f < 350 for f in starts) >= 10
+    assert D.DataConfig().retry == "same-song"
+
+
+def test_augmentation_ratio_in_hundredths_and_engines_agree_in_timing():
+    from stage_min.train import augment
+
+    draws = [augment.draw(np.random.default_rng(i), 1.0, 0.8, 1.2, 0.0, 4) for i in range(100)]
+    assert all(abs(d.ratio * 100 - round(d.ratio * 100)) < 1e-9 and 0.8 <= d.ratio <= 1.2 for d in draws)  # the original's 0.01 steps
+    assert len({d.ratio for d in draws}) > 20
+    pytest.importorskip("pylibrb")
+    import librosa
+
+    rng = np.random.default_rng(0)
+    x = np.zeros(2 * SR, np.float32)  # clicks of noise on a 0.25 s grid: timing is what must agree
+    for t in np.arange(0, 2, 0.25):
+        i = int(t * SR)
+        x[i:i + 800] += rng.standard_normal(800).astype(np.float32) * np.exp(-np.arange(800) / 150)
+    aug = augment.Augmentation(0.9, 2)
+    a = augment.apply(x, SR, aug, int(1.8 * SR), engine="pylibrb")
+    np.testing.assert_array_equal(a, augment.apply(x, SR, aug, int(1.8 * SR), engine="pylibrb"))  # deterministic
+    b = augment.apply(x, SR, aug, int(1.8 * SR))
+    ea, eb = librosa.onset.onset_strength(y=a, sr=SR), librosa.onset.onset_strength(y=b, sr=SR)
+    assert np.corrcoef(ea, eb)[0, 1] > 0.9  # same timing; the samples differ (docs/training.md)
+    with pytest.raises(ValueError, match="augment-engine"):
+        D.DataConfig(augment_engine="sox").check()

@@ -133,7 +133,7 @@ def test_bad_input_as_a_user_sees_it(tmp_path):
 @torch.no_grad()
 @pytest.mark.parametrize("guidance", [3.0, 1.0])
 def test_text_only_generation_with_a_stage_model_has_the_separator(stage_run, tiny_hf, monkeypatch, guidance):
-    """As the original builds it for context=None (REFERENCE.md 8.4/8.5): frames [separator][target],
+    """As the original builds it for context=None (docs/original.md#sequence): frames [separator][target],
     interleaved, in both guidance halves; no context frames. A plain MusicGen keeps its own grid."""
     from stage_min import delay, pipeline
     from stage_min.generate import SamplingConfig

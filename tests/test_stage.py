@@ -100,7 +100,7 @@ def test_guidance_rows_drop_text_and_context_but_keep_the_separator():
 
 @pytest.mark.parametrize("bpm,offset,per_bar", [(100.0, 0.25, 3), (137.0, 0.0, 4)])
 def test_click_track_is_the_originals(bpm, offset, per_bar):
-    """STAGE's clicks (REFERENCE.md 8.1): librosa.clicks at 1 kHz on every beat, again on the
+    """STAGE's clicks (docs/original.md#data): librosa.clicks at 1 kHz on every beat, again on the
     downbeats, the sum clipped to [-1, 1]; compared sample for sample with librosa's own output."""
     import librosa
 

@@ -131,7 +131,7 @@ def test_small_preset_starts_from_the_base_lm_with_a_context_token(setup, tmp_pa
     emb = lm_weights(run)["lm.embed.0.weight"]
     assert emb.shape == (2050, 64)  # one row more: the context token
     assert torch.allclose(emb[:2048], ref[:2048], atol=1e-6)
-    # the original's set-up (REFERENCE.md 8.7): special row zeroed (and frozen), start step masked,
+    # the original's set-up (docs/original.md#model): special row zeroed (and frozen), start step masked,
     # separator row Kaiming normal: std sqrt(2 / dim), far from the mean of the code rows
     assert ref[2048].abs().max() > 0 and emb[2048].abs().max() == 0
     assert 0.5 < emb[2049].std().item() / (2 / 64) ** 0.5 < 1.5

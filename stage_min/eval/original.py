@@ -4,7 +4,7 @@ Used by the tests (the reference that official checkpoints are checked against) 
 `bench.py --mode stage` (the baseline our cached sampler is timed against); stage_min's own model
 never imports it. Needs `pip install x-transformers==1.26.0` (in the `.[test]` extra).
 
-What the STAGE code does, in its terms (REFERENCE.md section 8):
+What the STAGE code does, in its terms (docs/original.md):
 - the decoder is an x-transformers `TransformerWrapper` over a pre-norm `Decoder` with cross-attention,
   64-dim heads, no feed-forward biases, one embedding table per codebook (summed, the special row a
   zero padding row), sinusoidal positions counted from the first step that holds a real token, and one

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .loading import (LoadError, gather, is_native, name_first, lm_config_from_hf, lm_config_from_native, lm_state_from_hf, lm_state_to_hf, with_default_mode, read_config, read_state_dict, resolve_model_dir, safe_torch_load, submodule_state)
+from .lightning_ckpt import restricted_torch_load
 from ..model import LMConfig
 
 DEFAULT_T5 = "google-t5/t5-base"  # MusicGen's and STAGE's text encoder
@@ -66,8 +67,9 @@ def _file_kind(path: Path) -> str:
 def read_weights_file(path: Path, kind: str | None = None) -> dict:
     """A state dict from a safetensors file or a pickled (torch.save) one, whatever the suffix. A
     Lightning-style {"state_dict": {...}, ...} wrapper is unwrapped. Pickles go through
-    loading.safe_torch_load (weights_only): one that holds anything but tensors and plain
-    containers is refused."""
+    loading.safe_torch_load (weights_only); one that pickles objects (the original's training
+    `.ckpt`, whose hyper-parameters are dataclasses) is read by lightning_ckpt's restricted
+    unpickler, which turns the original's classes into inert records and refuses any other global."""
     kind = kind or _file_kind(path)
     if kind == "safetensors":
         try:
@@ -77,7 +79,14 @@ def read_weights_file(path: Path, kind: str | None = None) -> dict:
     if kind not in ("torch-zip", "pickle"):
         raise LoadError(f"{path} is neither a safetensors file nor a torch.save file")
     # mmap (zip format only): a 1-2 GB checkpoint is not copied into memory to look at it
-    pkg = safe_torch_load(path, mmap=kind == "torch-zip")
+    try:
+        pkg = safe_torch_load(path, mmap=kind == "torch-zip")
+    except LoadError as e:
+        if "refused" not in str(e):
+            raise
+        # the original's training checkpoints pickle their hyper-parameters (dataclasses, paths,
+        # enums): read through the restricted unpickler, which refuses anything off its allow-list
+        pkg = restricted_torch_load(path, mmap=kind == "torch-zip")
     if isinstance(pkg, dict) and isinstance(pkg.get("state_dict"), dict):  # Lightning checkpoint
         pkg = pkg["state_dict"]
     if not isinstance(pkg, dict) or not all(isinstance(v, torch.Tensor) for v in pkg.values()):
@@ -238,7 +247,7 @@ def lm_config_from_audiocraft(best: dict, xp: dict) -> LMConfig:
 
 
 def audiocraft_lm_key_table(cfg: LMConfig) -> list[tuple[str, str, slice | None]]:
-    """(our key, audiocraft key, rows of it). Fused in_proj rows are q, k, v (REFERENCE.md section 4)."""
+    """(our key, audiocraft key, rows of it). Fused in_proj rows are q, k, v (docs/original.md#musicgen-and-encodec)."""
     D = cfg.dim
     table = [(f"text_proj.{p}", f"condition_provider.conditioners.description.output_proj.{p}", None) for p in ("weight", "bias")]
     table += [(f"embed.{k}.weight", f"emb.{k}.weight", None) for k in range(cfg.n_codebooks)]
@@ -307,7 +316,7 @@ def _conv_shape(state: dict, prefix: str):
 def encodec_config_from_weights(state: dict, xp: dict) -> dict:
     """An EncodecConfig dict for transformers-named EnCodec weights. Every size is read off a weight
     shape (a downsampling conv has kernel 2 * ratio); what weights do not show (sample rate,
-    causality, dilation) comes from xp.cfg, else MusicGen's 32 kHz values (REFERENCE.md section 5)."""
+    causality, dilation) comes from xp.cfg, else MusicGen's 32 kHz values (docs/original.md#musicgen-and-encodec)."""
     from transformers import EncodecConfig
 
     convs = sorted(int(m.group(1)) for k in state if (m := re.fullmatch(r"encoder\.layers\.(\d+)\.conv\.(bias)", k)))

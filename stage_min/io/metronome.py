@@ -1,6 +1,6 @@
 """Click tracks: the context for tempo-constrained generation, and STAGE's metronome training pairs.
 
-Made exactly as the original STAGE code makes them (docs/original.md), so that an official checkpoint
+Made exactly as the original STAGE code makes them (docs/original.md#data), so that an official checkpoint
 hears at inference the clicks it heard in training: `librosa.clicks` at 1 kHz with librosa's default
 click (0.1 s, decaying), a second click added on each downbeat, the sum clipped to [-1, 1]. A downbeat
 is therefore the same pitch, louder (and clipped).

@@ -2,7 +2,7 @@
 
 MusicGen's codec (EnCodec 32 kHz, 4 codebooks, 50 frames/s) cannot be downloaded here, and a random
 one hears nothing (every frame gets the same code). This trains one of the same architecture
-(transformers' `EncodecModel`), only much smaller, in three steps (REFERENCE.md section 9):
+(transformers' `EncodecModel`), only much smaller, in three steps (docs/original.md#toy-codec):
 
 1. an autoencoder with the quantiser bypassed: waveform L1 plus a multi-resolution STFT loss
    (auraloss's, a maintained implementation);

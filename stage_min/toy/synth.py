@@ -161,7 +161,7 @@ def make_song(rng: np.random.Generator, seconds: float, sr: int = SAMPLE_RATE, s
     beats_in = [(t, p) for t, p in zip(beats, positions) if t < seconds]
     name = f"{NOTES[root]} {'minor' if minor else 'major'}"
     pace = "slow" if bpm < 110 else "fast" if bpm > 130 else "mid-tempo"
-    if style.kits:  # the official models' caption form (REFERENCE.md 8.6)
+    if style.kits:  # the official models' caption form (docs/original.md#captions)
         mood = "calm, relaxed" if bpm < 100 else "energetic, upbeat" if bpm > 140 else "groovy"
         caption = f"Genres: {KITS[kit_name]['genres']}. Moods: {mood}. "
     else:

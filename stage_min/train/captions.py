@@ -1,16 +1,50 @@
-"""The caption form the official STAGE checkpoints were trained on (REFERENCE.md section 8.6).
+"""The caption form the official STAGE checkpoints were trained on (docs/original.md#captions).
 
-STAGE auto-labelled every song's mixture with essentia: the top 3 Discogs-EffNet genres (threshold
-0.1, Discogs' capitalised names such as "Rock, Alternative Rock") and the top 3 MTG-Jamendo
-moods/themes (threshold 0.05, lower case such as "energetic, happy"), written as
-`Genres: a, b, c. Moods: x, y, z. `; the examples shipped with the code use this form, and one of
-them has the moods part alone. Half of the training captions were dropped (the null text).
+STAGE auto-labelled every song's mixture with essentia: Discogs-EffNet genres (threshold 0.1,
+Discogs' capitalised names such as "Rock, Alternative Rock") and MTG-Jamendo moods/themes
+(threshold 0.05, lower case such as "energetic, happy"), stored as comma lists in the song's
+`features.json` (keys "genres", "moods"). Its dataset turns them into `Genre: a. ` for one item and
+`Genres: a, b, c. ` for more, the same for `Mood:`/`Moods:`, keeping the first 3 items of each list
+(`original_caption`). Half of the training captions were dropped (the null text).
 """
+import json
+from pathlib import Path
+
+
+def _part(label: str, items: list[str]) -> str:
+    return f"{label}{'s' if len(items) > 1 else ''}: {', '.join(items)}. "
+
+
+def original_caption(features: dict, max_genres: int = 3, max_moods: int = 3) -> str:
+    """The caption the original builds from a song's features.json: for each of "genres" and
+    "moods" present, the string split on commas, the first `max_*` items stripped, then
+    `Genre: x. ` / `Genres: a, b, c. ` and `Mood: x. ` / `Moods: a, b, c. `. As in the original, an
+    empty list string still gives its label (`Genre: . `); a missing key gives no part (the original
+    fails there)."""
+    out = ""
+    for key, label, n in (("genres", "Genre", max_genres), ("moods", "Mood", max_moods)):
+        if features.get(key) is None:
+            continue
+        out += _part(label, [s.strip() for s in str(features[key]).split(",")[:n]])
+    return out
+
+
+def caption_from_features(path: Path) -> str:
+    """original_caption of a features.json file; ValueError (one line) when it is not a JSON object."""
+    try:
+        features = json.loads(Path(path).read_text(errors="replace"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read ({type(e).__name__})") from None
+    if not isinstance(features, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return original_caption(features)
 
 
 def stage_caption(genres: str | None = None, moods: str | None = None) -> str:
     """Comma lists -> `Genres: a, b. Moods: x. ` (a part only for what is given; items are trimmed
-    and re-joined with ", "). Raises ValueError for a list with no item."""
+    and re-joined with ", "). Raises ValueError for a list with no item. sample.py's --genres/--moods
+    and the demo page use it; it keeps the plural label for one item and every item given, where the
+    original's training captions (`original_caption`) say `Genre: x. ` and keep the first 3."""
     parts = []
     for label, value in (("Genres", genres), ("Moods", moods)):
         if value is None:

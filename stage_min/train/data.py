@@ -5,7 +5,8 @@ works as a root as well as its parent):
 - plain:    song/drums.wav, song/bass.wav, song/other.wav, ...      (stem = file name)
 - MoisesDB: song/data.json, song/drums/<uuid>.wav, song/drums/<uuid2>.wav, ...
                                                                     (stem = folder; its files summed)
-Optional per song: `caption.txt` (the text prompt) and `beats.txt` (beat annotations, format below).
+Optional per song: `caption.txt` (the text prompt; else the original's caption from its auto-labels in
+`features.json`, see train/captions.py) and `beats.txt` (beat annotations, format below).
 A file called mixture/mix.* is not a stem and is ignored.
 
 The song-level work is done once and cached on disk: the per-frame peak of every stem (to find
@@ -29,6 +30,7 @@ import soxr
 import torch
 
 from . import augment
+from .captions import caption_from_features as original_caption_of
 from ..io.audio import AudioError, load_audio
 from .options import PROBABILITY, Rule, above, check_options, one_of, option, within
 from .beats import TRACKER_ID, TRACKERS, track  # one beat tracker for training data and evaluation
@@ -40,12 +42,25 @@ NOT_STEMS = {"mixture", "mix"}
 # data.json, so that a folder of songs is never taken for one song with odd stems
 MOISESDB_STEMS = {"vocals", "bass", "drums", "guitar", "other_keys", "piano", "percussion", "bowed_strings",
                   "wind", "other_plucked", "other"}
-# The original's context stems (REFERENCE.md 8.8): percussion, wind, other_plucked and vocals never
+# The original's context stems (docs/original.md#data): percussion, wind, other_plucked and vocals never
 # appear in a context, so that e.g. percussion never leaks into a drums context
 STAGE_CONTEXT_STEMS = ("drums", "bass", "guitar", "other_keys", "piano", "bowed_strings", "other")
 # 2: no numpy arrays in the file, so that it loads with weights_only=True; 3: no codes (targets are
-# encoded per window), peaks of the whole song and downbeats
-CACHE_VERSION = 3
+# encoded per window), peaks of the whole song and downbeats; 4: per-frame signed maxima too
+CACHE_VERSION = 4
+SILENCE_RULES = ("max", "peak")
+ENCODE_PRECISIONS = ("fp32", "fp16")
+RETRIES = ("same-song", "any-song")
+
+
+def encode_autocast(device, precision: str = "fp32"):
+    """The context training windows are encoded in: fp16 autocast on the device for "fp16" (the
+    original's: its whole step, encoding included, runs under Lightning's 16-mixed), else none."""
+    import contextlib
+
+    if precision == "fp16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.float16)
+    return contextlib.nullcontext()
 
 
 class DataError(Exception):
@@ -70,7 +85,15 @@ class DataConfig:
     # offset back) from a task where that is all it must learn
     p_copy_context: float = option(0.0, "context = the target stem itself (a copy task; the original: 0): a from-scratch "
                                    "toy learns first where context frame t sits, then what to take from it (stage_min.toy)", PROBABILITY)
-    silence: float = option(0.01, "a stem whose peak over the window is below this is silent", within(0, 1, closed=False))
+    silence: float = option(0.01, "a stem whose level over the window (--silence-rule) is below this is silent",
+                            within(0, 1, closed=False))
+    silence_rule: str = option("max", "the level --silence compares: max, the signed maximum of the samples (the "
+                               "original's rule); peak, the maximum of |samples| (polarity-blind: a stem whose loud "
+                               "half-waves are negative is not taken for silence)", one_of(*SILENCE_RULES), choices=SILENCE_RULES)
+    retry: str = option("same-song", "a window with a silent target: same-song (the original's) draws new start positions "
+                        "in the same song until the target and at least one other context stem play, click windows "
+                        "included; any-song draws a new song each try, and a click window needs only an audible target",
+                        one_of(*RETRIES), choices=RETRIES)
     val_fraction: float = option(0.1, "held-out songs (at least one when there are >= 2)", within(0, 1, closed=False))
     augment: bool = option(True, "no speed or pitch changes (the original augments; off for a faster CPU run, or for data "
                            "whose tempo and key must stay)", flag="--no-augment")
@@ -80,6 +103,12 @@ class DataConfig:
     speed_max: float = option(1.2, "speed change: highest time ratio")
     p_pitch: float = option(0.5, "augmentation: chance of a pitch shift", PROBABILITY)
     pitch_semitones: int = option(4, "pitch shift drawn in [-n, n] whole semitones", within(0, 12))
+    augment_engine: str = option("pedalboard", "Rubber Band through pedalboard, with the original's settings, or "
+                                 "pylibrb, the original's own binding (pip install -e \".[parity]\")",
+                                 one_of(*augment.ENGINES), choices=augment.ENGINES)
+    encode_precision: str = option("fp32", "fp16: encode training windows inside fp16 autocast, as the original under "
+                                   "Lightning's 16-mixed (a few %% of codes differ from fp32 ones, docs/training.md); "
+                                   "fp32: as inference", one_of(*ENCODE_PRECISIONS), choices=ENCODE_PRECISIONS)
     beat_tracker: str = option("librosa", "for songs without beats.txt: librosa (offline; downbeats by a low-frequency "
                                "rule) or beat_this (Beat This!, as the original's beatthis.npz suggests; pip install "
                                "beat-this, downloads its checkpoint once)", one_of(*TRACKERS), choices=TRACKERS)
@@ -142,6 +171,19 @@ def _song_stems(folder: Path) -> dict:
     return stems
 
 
+def _song_caption(folder: Path) -> str:
+    """caption.txt as is; else the original's caption built from its auto-labels in features.json
+    (train.captions.original_caption); else no text."""
+    if (folder / "caption.txt").is_file():
+        return (folder / "caption.txt").read_text(errors="replace").strip()
+    if (folder / "features.json").is_file():
+        try:
+            return original_caption_of(folder / "features.json")
+        except ValueError as e:
+            print(f"warning: {e}; no caption for this song", file=sys.stderr)
+    return ""
+
+
 def find_songs(root) -> list[Song]:
     """All song folders under root (depth 1, else depth 2). Raises DataError when there are none."""
     root = Path(root)
@@ -155,7 +197,7 @@ def find_songs(root) -> list[Song]:
         for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
             stems = _song_stems(d)
             if stems:
-                caption = (d / "caption.txt").read_text(errors="replace").strip() if (d / "caption.txt").is_file() else ""
+                caption = _song_caption(d)
                 beats = d / "beats.txt"
                 out.append(Song(d.name, d, stems, caption, beats if beats.is_file() else None))
         return out
@@ -232,16 +274,23 @@ class SongData:
     peaks: dict  # stem -> (T,) float32 peak of |audio| in each frame
     beats: np.ndarray  # (N,) seconds
     downbeats: np.ndarray  # (N,) bool
+    maxes: dict | None = None  # stem -> (T,) float32 signed maximum of the audio in each frame
+
+    def level(self, stem: str, f0: int, n: int, rule: str = "max") -> float:
+        """The stem's level over frames [f0, f0 + n) by the silence rule (DataConfig.silence_rule)."""
+        table = self.maxes if rule == "max" and self.maxes is not None else self.peaks
+        return float(table[stem][f0:f0 + n].max())
 
     @property
     def n_frames(self) -> int:
         return len(self.peaks[self.target])
 
 
-def _frame_peaks(audio: np.ndarray, hop: int, n_frames: int) -> np.ndarray:
+def _frame_peaks(audio: np.ndarray, hop: int, n_frames: int, signed: bool = False) -> np.ndarray:
+    """Per frame: the peak |audio|, or (signed) the maximum sample (zeros past the end count)."""
     padded = np.zeros(n_frames * hop, dtype=np.float32)
     n = min(len(audio), len(padded))
-    padded[:n] = np.abs(audio[:n])
+    padded[:n] = audio[:n] if signed else np.abs(audio[:n])
     return padded.reshape(n_frames, hop).max(axis=1)
 
 
@@ -319,8 +368,9 @@ def prepare_song(song: Song, cfg: DataConfig, codec, device, cache_dir: Path, st
     else:
         beats, down = cached["beats"].numpy(), cached["downbeats"].numpy()
     peaks = {s: p.numpy() for s, p in cached["peaks"].items()}
+    maxes = {s: p.numpy() for s, p in cached["maxes"].items()} if "maxes" in cached else None
     song = Song(song.name, song.folder, {s: f for s, f in usable.items() if s in peaks}, song.caption, song.beats_file)
-    return SongData(song, cfg.target, peaks, beats, down)
+    return SongData(song, cfg.target, peaks, beats, down, maxes)
 
 
 def _song_summary(song: Song, files: dict, sr: int, hop: int, tracker: str | None, device, stats: Stats) -> dict:
@@ -331,13 +381,14 @@ def _song_summary(song: Song, files: dict, sr: int, hop: int, tracker: str | Non
             audio[stem] = load_stem(f, sr)
         except AudioError as e:
             stats.warn_file(str(e))
-    out = {"bad": len(files) - len(audio), "peaks": {}, "beats": torch.zeros(0, dtype=torch.float64),
+    out = {"bad": len(files) - len(audio), "peaks": {}, "maxes": {}, "beats": torch.zeros(0, dtype=torch.float64),
            "downbeats": torch.zeros(0, dtype=torch.bool)}
     if not audio:
         return out
     n = max(len(a) for a in audio.values())
     T = -(-n // hop)
     out["peaks"] = {s: torch.from_numpy(_frame_peaks(a, hop, T)) for s, a in audio.items()}
+    out["maxes"] = {s: torch.from_numpy(_frame_peaks(a, hop, T, signed=True)) for s, a in audio.items()}
     if tracker is not None:  # no annotation: track the beats on the mixture, once
         mix = np.zeros(n, dtype=np.float32)
         for a in audio.values():
@@ -393,8 +444,10 @@ class StemWindows:
     loop can derive it from (seed, step, sample index): runs are reproducible, resumable without
     saving a data-loader state, and the same whatever the number of processes.
 
-    A window (as the original STAGE, REFERENCE.md 8.8): a song segment whose target stem is not silent
-    (peak >= --silence over the segment); with augmentation, a segment of target_seconds / ratio
+    A window (as the original STAGE, docs/original.md#data): a song segment whose target stem is not
+    silent (level >= --silence over the segment, DataConfig.silence_rule) and, with retry "same-song"
+    (the default), where at least one other context stem is not silent either, start positions being
+    drawn again in the same song until that holds (click windows too); with augmentation, a segment of target_seconds / ratio
     seconds, stretched and pitch-shifted to target_seconds; the context is the whole window with
     probability p_full_context, else a prefix of uniform length in [context_min, context_max]; it is a
     click track on the song's beats with probability p_metronome, else the sum of a random non-empty
@@ -430,14 +483,22 @@ class StemWindows:
 
     def draw(self, rng: np.random.Generator, max_tries: int = 50) -> Example:
         cfg = self.cfg
+        same_song = cfg.retry == "same-song"
         for _ in range(max_tries):
             sd = self.songs[int(rng.integers(len(self.songs)))]
             aug = augment.draw(rng, cfg.p_speed, cfg.speed_min, cfg.speed_max, cfg.p_pitch, cfg.pitch_semitones) \
                 if cfg.augment else augment.Augmentation()
             n_src = min(sd.n_frames, int(np.ceil(self.n_target / aug.ratio)))  # song frames the window is made from
-            f0 = int(rng.integers(0, sd.n_frames - n_src + 1))
-            if sd.peaks[cfg.target][f0:f0 + n_src].max() < cfg.silence:
-                continue  # nothing to learn from a silent target
+            for _ in range(max_tries if same_song else 1):  # the original retries positions in the same song
+                f0 = int(rng.integers(0, sd.n_frames - n_src + 1))
+                if sd.level(cfg.target, f0, n_src, cfg.silence_rule) < cfg.silence:
+                    continue  # nothing to learn from a silent target
+                others = [s for s in sorted(sd.peaks) if cfg.may_be_context(s) and sd.level(s, f0, n_src, cfg.silence_rule) >= cfg.silence]
+                if same_song and not others:
+                    continue  # the original wants the target and at least one more stem audible
+                break
+            else:
+                continue
             C = self._context_frames(rng)
             t0, src_seconds = f0 / self.frame_rate, self.n_target * self.hop / self.sample_rate / aug.ratio
             metronome = bool(rng.random() < cfg.p_metronome)
@@ -452,7 +513,6 @@ class StemWindows:
                 context = click_track(beats[inside], C * self.hop / self.sample_rate, sample_rate=self.sample_rate,
                                       downbeats=sd.downbeats[inside])
             if not metronome and not chosen:
-                others = [s for s in sorted(sd.peaks) if cfg.may_be_context(s) and sd.peaks[s][f0:f0 + n_src].max() >= cfg.silence]
                 if not others:
                     continue
                 k = int(rng.integers(1, len(others) + 1))
@@ -469,4 +529,4 @@ class StemWindows:
 
     def _window(self, files: list[Path], t0: float, seconds: float, aug: augment.Augmentation) -> np.ndarray:
         audio = read_segment(files, t0, seconds, self.sample_rate)
-        return augment.apply(audio, self.sample_rate, aug, self.n_target * self.hop)
+        return augment.apply(audio, self.sample_rate, aug, self.n_target * self.hop, self.cfg.augment_engine)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .options import PROBABILITY, SEED, Rule, above, at_least, check_options, one_of, option, within
-from .data import DataConfig, Example, context_frames, load_stem
+from .data import DataConfig, Example, context_frames, encode_autocast, load_stem
 from ..io.loading import (LATEST, LoadError, follow_latest, is_native, read_config, safe_torch_load, save_native, with_default_mode, write_atomic)
 from ..io.metronome import click_track
 from ..model import LMConfig, MusicGenLM
@@ -118,6 +118,8 @@ class TrainConfig:
                              "number of steps back")
         if self.code_cache and d.augment:
             raise UsageError("--code-cache needs --no-augment: a stretched or shifted window has no whole-song codes")
+        if self.code_cache and d.encode_precision != "fp32":
+            raise UsageError("--code-cache encodes whole songs once, in fp32: not with --encode-precision fp16")
 
     def lr_at(self, step: int) -> float:
         """The learning rate of optimizer step `step` (0-based): --lr, then --cooldown-lr for the last
@@ -187,7 +189,7 @@ def init_aligned(lm: MusicGenLM, offset: int, embed_std: float = 0.3, gain: floa
 
 def build_model(cfg: TrainConfig):
     """-> (MusicGen pipeline with a STAGE LM, base string to record in checkpoints). The new LM is
-    set up as the original's (REFERENCE.md 8.7) unless the config says otherwise: special row zeroed
+    set up as the original's (docs/original.md#model) unless the config says otherwise: special row zeroed
     and frozen, start step masked, separator row Kaiming-normal."""
     from ..pipeline import MusicGen
     from ..io.pretrained import from_pretrained
@@ -341,11 +343,12 @@ class SongCodes:
 
 
 def make_batch(model, examples: list[Example], drop_text: list, drop_context: list, device,
-               song_codes: SongCodes | None = None) -> dict:
+               song_codes: SongCodes | None = None, encode_precision: str = "fp32") -> dict:
     lm_cfg = model.lm.cfg
     if song_codes is None:
-        context, lengths = encode_contexts(model.codec, [e.context for e in examples], lm_cfg.special_id, device)
-        target = encode_targets(model.codec, [e.target for e in examples], device)
+        with encode_autocast(device, encode_precision):  # DataConfig.encode_precision
+            context, lengths = encode_contexts(model.codec, [e.context for e in examples], lm_cfg.special_id, device)
+            target = encode_targets(model.codec, [e.target for e in examples], device)
     else:
         hop, target_stem = model.codec.hop, song_codes.songs[examples[0].song].target
         target = torch.stack([song_codes.window(e.song, (target_stem,), e.start, len(e.target) // hop) for e in examples])
