@@ -51,6 +51,7 @@ CACHE_VERSION = 4
 SILENCE_RULES = ("max", "peak")
 ENCODE_PRECISIONS = ("fp32", "fp16")
 RETRIES = ("same-song", "any-song")
+AUGMENT_ENGINES = augment.ENGINES  # named here: the field `augment` hides the module inside DataConfig
 
 
 def encode_autocast(device, precision: str = "fp32"):
@@ -105,7 +106,7 @@ class DataConfig:
     pitch_semitones: int = option(4, "pitch shift drawn in [-n, n] whole semitones", within(0, 12))
     augment_engine: str = option("pedalboard", "Rubber Band through pedalboard, with the original's settings, or "
                                  "pylibrb, the original's own binding (pip install -e \".[parity]\")",
-                                 one_of(*augment.ENGINES), choices=augment.ENGINES)
+                                 one_of(*AUGMENT_ENGINES), choices=AUGMENT_ENGINES)
     encode_precision: str = option("fp32", "fp16: encode training windows inside fp16 autocast, as the original under "
                                    "Lightning's 16-mixed (a few %% of codes differ from fp32 ones, docs/training.md); "
                                    "fp32: as inference", one_of(*ENCODE_PRECISIONS), choices=ENCODE_PRECISIONS)
