@@ -37,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--stems", help="stack stems in this order, e.g. drums,bass: each accompanies the context plus "
                    "the stems before it; writes OUT_NAME.wav per stem and the full mix (--mix-out, default OUT_mix.wav); default: one stem")
     p.add_argument("--continue", dest="continuation", help="a stem's first part (audio file): generation continues it (default: none)")
+    p.add_argument("--whole-context", action="store_true", help="the original STAGE's inference: one stem (--duration, "
+                   "default 10 s) on the whole --context, however long, instead of a stem as long as the song made in windows")
     p.add_argument("--window", type=float, default=10.0, help="a context longer than this is accompanied in windows "
                    "of this many seconds (10: the training windows; a model trained on one fixed window, such as the toy, "
                    "always uses its own, overlapping by half)")

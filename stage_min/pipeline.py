@@ -82,16 +82,18 @@ class MusicGen(torch.nn.Module):
     @torch.no_grad()
     def accompany(self, contexts: list[torch.Tensor], prompts: list[str], n_frames: int,
                   sampling: SamplingConfig | None = None, seed: int | None = None,
-                  progress: bool = False, compile: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  progress: bool = False, compile: bool = False, whole_context: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """STAGE: one stem per context (mono audio at `sample_rate`, any lengths), each `n_frames`
         long and time-aligned with its context (stem frame t plays with context frame t).
         Contexts are encoded, cut to the stem's length, left-padded to a common length.
+        whole_context: nothing is cut, every context is encoded whole (the original STAGE's inference:
+        one stem on the whole song, however long; past 30 s in all, positions the base never saw).
         Returns stem audio (B, 1, samples) in fp32 and codes (B, K, n_frames). sampling None: the model's own."""
         if self.lm.cfg.n_special < 2:
             raise ValueError("this model has no context token; load it with stage=True or use a STAGE checkpoint")
         sampling = sampling or self.sampling
         sampling.check()
-        n_out, window, hop = n_frames, self.window_frames, self.codec.hop
+        n_out, window, hop = n_frames, None if whole_context else self.window_frames, self.codec.hop
         if window and n_frames > window:  # a model trained on one fixed window: longer stems in windows
             beds = [torch.nn.functional.pad(torch.as_tensor(c, dtype=torch.float32)[:n_frames * hop],
                                             (0, max(0, n_frames * hop - len(c)))) for c in contexts]
@@ -101,7 +103,7 @@ class MusicGen(torch.nn.Module):
                                                 (0, max(0, window * hop - len(c)))) for c in contexts]
             n_frames = window
         cfg = self.lm.cfg
-        codes = [self.encode_context(c)[:, :, :n_frames] for c in contexts]
+        codes = [self.encode_context(c)[:, :, :None if whole_context else n_frames] for c in contexts]
         lengths = torch.tensor([c.shape[-1] for c in codes], device=self.device)
         context = torch.stack([torch.nn.functional.pad(c[0], (int(lengths.max()) - c.shape[-1], 0), value=cfg.special_id) for c in codes])
         return self._stage_rows(context, lengths, prompts, n_frames, sampling, seed, progress, compile, n_out)

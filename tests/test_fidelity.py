@@ -1,10 +1,10 @@
-"""The original's inference on a whole context (songs.accompany_whole_context) and its fp16 encoding
+"""The original's inference on a whole context (MusicGen.accompany(..., whole_context=True), sample.py --whole-context) and its fp16 encoding
 (DataConfig.encode_precision): docs/original.md#inference and #training."""
 import numpy as np
 import pytest
 import torch
 
-from stage_min import songs
+from stage_min.cli import sample_job
 from stage_min.io.pretrained import from_pretrained
 from stage_min.train import data as D
 
@@ -27,7 +27,7 @@ def test_whole_context_conditions_one_stem_on_all_of_it(toy, monkeypatch):
         return torch.zeros(len(prompts), 1, n_frames * hop), torch.zeros(len(prompts), toy.lm.cfg.n_codebooks, n_frames, dtype=torch.long)
 
     monkeypatch.setattr(toy, "_stage_rows", spy)
-    audio, codes = songs.accompany_whole_context(toy, [long, short], ["", ""], n_frames=6, sampling=SamplingConfig(top_k=5), seed=0)
+    audio, codes = toy.accompany([long, short], ["", ""], n_frames=6, sampling=SamplingConfig(top_k=5), seed=0, whole_context=True)
     assert codes.shape == (2, toy.lm.cfg.n_codebooks, 6) and audio.shape[0] == 2
     n_long, n_short = len(long) // hop, len(short) // hop
     assert seen["lengths"].tolist() == [n_long, n_short] and seen["n_frames"] == 6  # nothing cut
@@ -37,8 +37,8 @@ def test_whole_context_conditions_one_stem_on_all_of_it(toy, monkeypatch):
 
 
 def test_context_cut_notice():
-    assert songs.context_cut_notice(500, 500, 500, 50.0) is None
-    note = songs.context_cut_notice(1500, 250, 250, 50.0)
+    assert sample_job.context_cut_notice(500, 500, 500, 50.0) is None
+    note = sample_job.context_cut_notice(1500, 250, 250, 50.0)
     assert note.startswith("note: the context is 30.00 s; kept its first 5.00 s for a 5.00 s stem") and "\n" not in note
 
 
@@ -55,3 +55,25 @@ def test_fp16_encoding_as_the_original(toy):
         assert torch.get_autocast_dtype("cpu") == torch.float16
         b = encode_targets(toy.codec, x, "cpu")
     assert a.shape == b.shape and (a == b).float().mean() > 0.8  # mostly the same codes, not all (docs/training.md)
+
+
+def test_sample_whole_context_keeps_all_of_a_long_context(tmp_path):
+    """sample.py --whole-context: one --duration stem over the whole 6 s context (the toy's window is 2 s);
+    without it the same --duration cuts the context and says so; it goes with one --context file only."""
+    import subprocess
+    import sys
+
+    import soundfile as sf
+
+    from stage_min.io.metronome import metronome
+
+    song = tmp_path / "song.wav"
+    sf.write(song, metronome(bpm=100, duration=6.0), 32000)
+    run = lambda *a: subprocess.run([sys.executable, "sample.py", *map(str, a)], capture_output=True, text=True)  # noqa: E731
+    r = run("--context", song, "--whole-context", "--duration", 1, "--out", tmp_path / "w.wav", "--seed", 0)
+    assert r.returncode == 0, r.stderr
+    assert sf.info(str(tmp_path / "w.wav")).frames == 32000 and "kept its first" not in r.stderr
+    r = run("--context", song, "--duration", 1, "--out", tmp_path / "cut.wav", "--seed", 0)
+    assert r.returncode == 0 and "note: the context is 6.00 s; kept its first 1.00 s" in r.stderr
+    r = run("--bpm", 120, "--duration", 2, "--whole-context", "--out", tmp_path / "x.wav")
+    assert r.returncode == 2 and "--whole-context makes one stem over one --context file" in r.stderr

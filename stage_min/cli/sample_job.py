@@ -22,14 +22,16 @@ MAX_FRAMES = 1500  # MusicGen was trained on 30 s windows: the context, the sepa
 MAX_BPM = 1000.0  # faster than any music; a limit also keeps the click track's size sane
 MAX_CLICK_SECONDS = 3600.0  # a click track is made in memory before it is accompanied
 MAX_SEED = 2**63 - 1
+WHOLE_CONTEXT_SECONDS = 10.0  # --whole-context without --duration: the original's fixed 10 s stem
 
 
 
 # ---- modes ---------------------------------------------------------------------------------------
 def windowed(args) -> bool:
     """Whole songs (songs.py): a stem exactly as long as the context or click track, in windows when
-    it is long. Otherwise one window: text alone, or a --duration stem next to a context's start."""
-    return args.bpm is not None or (args.context is not None and args.duration is None)
+    it is long. Otherwise one window: text alone, a --duration stem next to a context's start, or
+    (--whole-context) one stem on the whole context."""
+    return not args.whole_context and (args.bpm is not None or (args.context is not None and args.duration is None))
 
 
 def folder_mode(args) -> bool:
@@ -178,6 +180,8 @@ def check_modes(args):
         if args.offset >= args.duration:
             raise ValueError(f"--offset {args.offset:g} s is not before the end of the click track (--duration "
                              f"{args.duration:g} s): it would hold no click")
+    if args.whole_context and (not args.context or args.bpm is not None or args.stems or args.continuation or folder_mode(args)):
+        raise ValueError("--whole-context makes one stem over one --context file: not with --bpm, --stems, --continue or a folder")
     if args.mix_out and not (args.context or args.bpm is not None):
         raise ValueError("--mix-out needs --context or --bpm")
     stacked = bool(args.stems)
@@ -258,7 +262,7 @@ def read_song(path, max_seconds=None):
 def read_context(args):
     """(context as mono 32 kHz audio, or None for text alone; the whole context's length in frames).
     A whole song is read whole; for a one-window stem only the part the model or the mix can use."""
-    if args.context and windowed(args):
+    if args.context and (windowed(args) or args.whole_context):
         audio = read_song(args.context)
         return audio, len(audio) // HOP
     if args.context:
@@ -275,18 +279,29 @@ def read_context(args):
     return None, 0
 
 
+def context_cut_notice(total_frames: int, kept_frames: int, stem_frames: int, frame_rate: float) -> str | None:
+    """The stderr line for a context cut to `kept_frames` of its `total_frames` (None when nothing is
+    cut): any cut, not only one forced by the model's window, since the original would have taken it all."""
+    if kept_frames >= total_frames:
+        return None
+    return (f"note: the context is {total_frames / frame_rate:.2f} s; kept its first {kept_frames / frame_rate:.2f} s "
+            f"for a {stem_frames / frame_rate:.2f} s stem (the original STAGE conditions one stem on the whole context; "
+            f"sample.py --whole-context keeps all of it)")
+
+
 def plan_frames(args, context, total_frames: int) -> tuple[int, int]:
     """One window: (stem frames, context frames), cutting the context to what the model can take.
     total_frames: the whole context's length (only its first part may have been read)."""
     if context is None:
         seconds = 5.0 if args.duration is None else args.duration
         return max(1, round(seconds * FRAME_RATE)), 0
-    n_frames = max(1, round(args.duration * FRAME_RATE))  # a context without --duration is a whole song (run_song)
+    n_frames = max(1, round((WHOLE_CONTEXT_SECONDS if args.duration is None else args.duration) * FRAME_RATE))
+    if args.whole_context:
+        return n_frames, len(context) // HOP
     kept = min(len(context) // HOP, n_frames, MAX_FRAMES - 1 - n_frames)
-    if kept < min(total_frames, n_frames):  # a context longer than the stem is not needed: no warning
-        print(f"warning: the context is {total_frames / FRAME_RATE:.2f} s; the model takes {MAX_FRAMES / FRAME_RATE:g} s "
-              f"of context + stem: kept its first {kept / FRAME_RATE:.2f} s for a {n_frames / FRAME_RATE:.2f} s stem",
-              file=sys.stderr)
+    note = context_cut_notice(total_frames, kept, n_frames, FRAME_RATE)
+    if note:
+        print(note, file=sys.stderr)
     return n_frames, kept
 
 
@@ -436,7 +451,8 @@ def run_window(args, context, total_frames, interrupted):
         audio, _ = model.generate([args.prompt], n_frames, sampling, seed=args.seed, progress=True, compile=args.compile)
     else:
         audio, _ = model.accompany([torch.from_numpy(context[: context_frames * HOP])], [args.prompt], n_frames,
-                                   sampling, seed=args.seed, progress=True, compile=args.compile)
+                                   sampling, seed=args.seed, progress=True, compile=args.compile,
+                                   whole_context=args.whole_context)
     stem = audio[0, 0].float().cpu().numpy()
     mix = None
     if args.mix_out:
