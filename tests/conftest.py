@@ -9,8 +9,10 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
 def build_tiny_hf(folder, seed=0, **config):
-    """A random transformers MusicGen saved with save_pretrained, plus a spiece.model."""
-    return tiny.build(folder, seed=seed, **config)
+    """A random transformers MusicGen saved with save_pretrained, plus a spiece.model. Its LayerNorms
+    and biases are random too (not transformers' constant init): a swapped norm in a key table
+    changes the logits."""
+    return tiny.build(folder, seed=seed, random_norms=True, **config)
 
 
 @pytest.fixture(scope="session")

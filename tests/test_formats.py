@@ -254,6 +254,59 @@ def test_stage_exports_native_not_hf(stage_ckpt, t5_dir, tmp_path):
     assert detect_layout(str(folder))[0] == "stage"
 
 
+# ---- every mapped tensor matters ------------------------------------------------------------------
+def alike(state: dict) -> list:
+    """The problems of an LM state as a test model: a tensor whose elements are all equal (a LayerNorm
+    left at 1 or 0, a zero bias), or one equal to another tensor of its shape. Either way a key table
+    could map it to the wrong key, or drop it for the init's value, and no logit would change."""
+    problems, seen = [], {}
+    for key, value in state.items():
+        if not value.is_floating_point() or value.numel() < 2:
+            continue
+        if bool((value == value.flatten()[0]).all()):
+            problems.append(f"{key} is constant")
+        for other in seen.get(tuple(value.shape), []):
+            if torch.equal(state[other], value):
+                problems.append(f"{key} equals {other}")
+        seen.setdefault(tuple(value.shape), []).append(key)
+    return problems
+
+
+@pytest.mark.parametrize("layout", ["transformers", "audiocraft", "stage", "native"])
+def test_test_models_have_no_constant_or_repeated_tensors(layout, tiny_hf, audiocraft_dir, stage_ckpt, stage_run, t5_dir):
+    """The parity tests above (and test_musicgen's, test_loading's) compare logits within 1e-4: they
+    see a key-table mistake only if every tensor the table maps is unlike the others. With
+    transformers' init (LayerNorms 1 / 0, enc_to_dec_proj.bias 0) a swapped norm_self <-> norm_ffn
+    passed them all; the tiny models now randomise those (tiny.randomise_constants)."""
+    model = {"transformers": lambda: from_pretrained(str(tiny_hf[0])),
+             "audiocraft": lambda: from_pretrained(str(audiocraft_dir), t5=str(t5_dir)),
+             "stage": lambda: from_pretrained(str(stage_ckpt[0]), t5=str(t5_dir)),
+             "native": lambda: from_pretrained(str(stage_run))}[layout]()
+    state = model.lm.state_dict()
+    assert any(".norm_" in k for k in state) and "text_proj.bias" in state
+    assert alike(state) == []
+    if layout == "transformers":  # the T5 encoder's norms too (its embedding is tied: shared twice)
+        assert [p for p in alike(model.text_encoder.state_dict()) if "constant" in p] == []
+
+
+@torch.no_grad()
+def test_a_swapped_norm_changes_the_logits(tiny_hf):
+    """What the parity tests rely on, shown directly: swapping two LayerNorms of a layer (the
+    mistake a key table can make) moves the logits far beyond the 1e-4 tolerance."""
+    model = from_pretrained(str(tiny_hf[0]))
+    grid = random_grid()
+    before = our_logits(model, grid)
+    layer = model.lm.layers[0]
+    for p in ("weight", "bias"):
+        a, b = getattr(layer.norm_self, p), getattr(layer.norm_ffn, p)
+        a_old = a.clone()
+        a.copy_(b)
+        b.copy_(a_old)
+    assert (our_logits(model, grid) - before).abs().max() > 100 * TOL
+    model.lm.text_proj.bias.zero_()  # a dropped projection bias (left at its init) too
+    assert (our_logits(model, grid) - before).abs().max() > 100 * TOL
+
+
 class NotATensor:
     """Stands for anything a Lightning checkpoint may pickle besides tensors (hyper-parameters, ...)."""
 

@@ -172,7 +172,8 @@ def test_shipped_toy_plays_closer_to_the_click_than_without_it():
     assert np.mean(with_click) - np.mean(without) >= 0.3, (np.mean(with_click), np.mean(without))
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped toy follows a click track, but not this closely in 4 s stems "
+@pytest.mark.skipif(not (TOY / "config.json").exists(), reason="weights/stage-toy is not built")
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="the shipped toy follows a click track, but not this closely in 4 s stems "
                    "(MODEL_CARD.md: tempo experiment, 8 s, F1 0.88 with the click, 0.26 without; at 133 BPM over 4 s "
                    "0.63, and 0.44 for seed 0)")
 def test_shipped_toy_follows_a_click_track():

@@ -57,9 +57,27 @@ def tiny_config(dim=64, layers=2, heads=4, text_dim=32, vocab=120, audio=None):
     return MusicgenConfig(text_encoder=text.to_dict(), audio_encoder=audio.to_dict(), decoder=decoder.to_dict())
 
 
-def build(folder, seed=0, codec=None, **config):
+def randomise_constants(model, seed=0, std=0.2):
+    """Give every parameter of the decoder, the text projection and the T5 encoder that still holds a
+    constant (LayerNorm weights 1 and biases 0, `enc_to_dec_proj.bias` 0: transformers' init) random
+    values around that constant. With the init's values a swapped or dropped norm or bias changes no
+    logit, so a wrong key table would pass every parity test; with these, every key a table maps
+    changes the logits (tests/test_formats.py checks that no two mapped tensors are alike)."""
+    g = torch.Generator().manual_seed(seed + 12345)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("audio_encoder.") or p.numel() < 2:
+                continue
+            first = p.flatten()[0]
+            if bool((p == first).all()):
+                p.copy_(first + std * torch.randn(p.shape, generator=g))
+
+
+def build(folder, seed=0, codec=None, random_norms=False, **config):
     """Write a random transformers MusicGen (save_pretrained) plus spiece.model; returns the model.
-    `codec`: a trained EncodecModel to put in instead of a random one (the toy model's base)."""
+    `codec`: a trained EncodecModel to put in instead of a random one (the toy model's base).
+    random_norms: also randomise the norms and biases that transformers initialises to constants
+    (see randomise_constants; what the tests build, off for the toy recipe's base)."""
     from transformers import MusicgenForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -73,6 +91,8 @@ def build(folder, seed=0, codec=None, **config):
             for name, buffer in model.audio_encoder.quantizer.named_buffers():
                 if name.endswith("embed"):
                     buffer.normal_()
+    if random_norms:
+        randomise_constants(model, seed)
     model.save_pretrained(folder)
     train_spiece(Path(folder) / "spiece.model")
     return model
