@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "stage_min"
 # the model a reader opens first (docs/architecture.md): nothing here may import the tooling folders
@@ -122,6 +124,17 @@ def test_sizes():
     assert len((ROOT / "sample.py").read_text().splitlines()) <= LIMITS["sample_py_lines"]
     (size, where), = longest_functions(1)
     assert size <= LIMITS["function_lines"], where
+
+
+def test_nothing_cites_a_file_outside_the_repository():
+    """Code, tests and docs cite the project's own files (docs/original.md holds the original's facts)."""
+    outside = ("REFERENCE" + ".md", "../" + "shared/", "shared/" + "seeds")  # split: this file cites none either
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout: the tracked files are unknown")
+    citing = [f for f in tracked if f.endswith((".py", ".md", ".toml", ".txt", ".json")) and (ROOT / f).is_file()
+              and any(o in (ROOT / f).read_text(errors="replace") for o in outside)]
+    assert citing == []
 
 
 def main():

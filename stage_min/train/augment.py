@@ -14,7 +14,7 @@ Two engines (both Rubber Band):
   has the original's length and timing but not its samples (its own Rubber Band build and way of
   feeding it): on 12 synthetic 10 s drum and bass windows, waveform correlation with the
   original's 0.59 (median), SNR 0.9 dB, onset-envelope correlation 0.97, log-mel difference 0.17 nats
-  (0.27 with formants preserved, this code's earlier setting): `python -m stage_min.train.augment`.
+  (0.27 with formants preserved, this code's earlier setting): `python -m stage_min.train.augment_check`.
 - "pylibrb" (`pip install pylibrb`, the `parity` extra): the original's own call, options
   `PROCESS_OFFLINE | ENGINE_FASTER` and nothing else, for sample-exact parity with its data.
 The original falls back to the unstretched audio when Rubber Band takes over 2 s; here it never
@@ -81,40 +81,3 @@ def apply(audio: np.ndarray, sample_rate: int, aug: Augmentation, n_out: int, en
     n = min(n_out, len(audio))
     out[:n] = audio[:n]
     return out
-
-
-def compare_engines(n_songs: int = 6, seconds: float = 10.0, seed: int = 0, sample_rate: int = 32000, **pedalboard_kw) -> dict:
-    """pedalboard against the original's pylibrb call on synthetic drum and bass windows, each with
-    a random ratio (0.01 steps in [0.8, 1.2]) and shift ([-4, 4]): medians of the waveform
-    correlation and SNR, of the onset-envelope correlation, and the mean log-mel difference (nats)."""
-    import librosa
-    import pedalboard
-
-    from ..toy import synth
-
-    def logmel(x):
-        return np.log(librosa.feature.melspectrogram(y=x, sr=sample_rate, n_fft=2048, hop_length=512, n_mels=64) + 1e-6)
-
-    rng = np.random.default_rng(seed)
-    n = int(seconds * sample_rate)
-    rows = []
-    for _ in range(n_songs):
-        song = synth.make_song(rng, seconds)
-        for stem in ("drums", "bass"):
-            ratio, semis = float(np.round(rng.uniform(0.8, 1.2), 2)), int(rng.integers(-4, 5))
-            src = song[stem].astype(np.float32)[:int(np.ceil(n / ratio))]
-            o = apply(src, sample_rate, Augmentation(ratio, semis), n, engine="pylibrb")
-            kw = {"high_quality": False, "preserve_formants": False, **pedalboard_kw}
-            p = pedalboard.time_stretch(src[None], sample_rate, stretch_factor=1.0 / ratio, pitch_shift_in_semitones=float(semis), **kw)[0]
-            p = apply(p, sample_rate, Augmentation(), n)
-            eo, ep = librosa.onset.onset_strength(y=o, sr=sample_rate), librosa.onset.onset_strength(y=p, sr=sample_rate)
-            rows.append((np.corrcoef(o, p)[0, 1], 10 * np.log10(np.sum(o ** 2) / max(np.sum((o - p) ** 2), 1e-20)),
-                         np.corrcoef(eo, ep)[0, 1], np.mean(np.abs(logmel(o) - logmel(p)))))
-    a = np.array(rows)
-    return {"windows": len(rows), "waveform_corr": float(np.median(a[:, 0])), "snr_db": float(np.median(a[:, 1])),
-            "onset_env_corr": float(np.median(a[:, 2])), "logmel_diff": float(a[:, 3].mean())}
-
-
-if __name__ == "__main__":  # python -m stage_min.train.augment: the measurement in the module docstring
-    for label, kw in (("pedalboard as set here", {}), ("pedalboard, formants preserved", {"preserve_formants": True})):
-        print(label, {k: round(v, 3) if isinstance(v, float) else v for k, v in compare_engines(**kw).items()})
