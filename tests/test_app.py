@@ -135,7 +135,7 @@ def fill_the_form(page, song):
     prompt.fill("tight snare")
     prompt.press("Tab")  # leaving the box fires its change event too (a cold first page can miss the input one)
     # the preview's answer also says that the server's events reach this page; a cold CI machine can be slow
-    page.locator("#prompt_sent", has_text="Genres: rock, indie. Moods: groovy. tight snare").wait_for(timeout=90_000)
+    page.locator("#prompt_sent", has_text="Genres: rock, indie. Mood: groovy. tight snare").wait_for(timeout=90_000)
     page.get_by_text("Sampling").click()  # the accordion with the sampling settings
     seconds, seed = page.locator("#seconds input[type=number]"), page.locator("#seed input")
     seed.wait_for(state="visible")
@@ -214,7 +214,7 @@ def no_progress(*args, **kwargs):
 def test_prompt_helper_builds_the_official_caption_form():
     from stage_min.app.page import build_prompt
 
-    assert build_prompt("rock,  indie", "groovy", "") == "Genres: rock, indie. Moods: groovy. "
+    assert build_prompt("rock,  indie", "groovy", "") == "Genres: rock, indie. Mood: groovy. "
     assert build_prompt("", " calm ; relaxed ", " soft brushes ") == "Moods: calm, relaxed. soft brushes"
     assert build_prompt("", "", "") == ""
 

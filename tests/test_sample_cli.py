@@ -50,16 +50,17 @@ def test_genres_and_moods_build_the_stage_caption(tmp_path, capsys):
     from stage_min.cli import sample_job
     from stage_min.train.captions import stage_caption
 
-    assert stage_caption("rock, indie", "energetic") == "Genres: rock, indie. Moods: energetic. "
+    assert stage_caption("rock, indie", "energetic") == "Genres: rock, indie. Mood: energetic. "
     assert stage_caption(" Rock ,Alternative Rock,, Pop Rock", " happy,love ") == \
         "Genres: Rock, Alternative Rock, Pop Rock. Moods: happy, love. "  # the form of the shipped example captions
     assert stage_caption(moods="energetic, happy") == "Moods: energetic, happy. "  # one part alone, as an example has it
-    assert stage_caption(genres="Pop") == "Genres: Pop. "
+    assert stage_caption(genres="Pop") == "Genre: Pop. "  # one item: the singular, as the original's captions
+    assert stage_caption("a, b, c, d", "x") == "Genres: a, b, c. Mood: x. "  # at most 3 items, as in training
     assert stage_caption() == ""
     args = sample.parse_args(["--genres", "rock, indie", "--moods", "energetic", "--out", str(tmp_path / "x.wav")])
     sample_job.check_options(args)
-    assert args.prompt == "Genres: rock, indie. Moods: energetic. "
-    assert "caption: 'Genres: rock, indie. Moods: energetic. '" in capsys.readouterr().err
+    assert args.prompt == "Genres: rock, indie. Mood: energetic. "
+    assert "caption: 'Genres: rock, indie. Mood: energetic. '" in capsys.readouterr().err
     # every mode takes it: a stack of stems, a folder of songs
     import numpy as np
     import soundfile as sf
@@ -71,7 +72,7 @@ def test_genres_and_moods_build_the_stage_caption(tmp_path, capsys):
                  ["--context", str(tmp_path / "songs"), "--out", str(tmp_path / "out")]):
         args = sample.parse_args(["--moods", "happy", *mode])
         sample_job.check_options(args)
-        assert args.prompt == "Moods: happy. "
+        assert args.prompt == "Mood: happy. "
 
 
 @pytest.mark.parametrize("args, message", [

@@ -41,16 +41,16 @@ def caption_from_features(path: Path) -> str:
 
 
 def stage_caption(genres: str | None = None, moods: str | None = None) -> str:
-    """Comma lists -> `Genres: a, b. Moods: x. ` (a part only for what is given; items are trimmed
-    and re-joined with ", "). Raises ValueError for a list with no item. sample.py's --genres/--moods
-    and the demo page use it; it keeps the plural label for one item and every item given, where the
-    original's training captions (`original_caption`) say `Genre: x. ` and keep the first 3."""
+    """Comma lists -> the training captions' form: `Genre: x. ` / `Genres: a, b, c. ` and `Mood: x. ` /
+    `Moods: a, b. `, a part only for what is given, items trimmed, the first 3 of each kept (the model
+    never saw more). Raises ValueError for a list with no item. sample.py's --genres/--moods and the
+    demo page use it."""
     parts = []
-    for label, value in (("Genres", genres), ("Moods", moods)):
+    for flag, label, value in (("--genres", "Genre", genres), ("--moods", "Mood", moods)):
         if value is None:
             continue
         items = [w.strip() for w in value.split(",") if w.strip()]
         if not items:
-            raise ValueError(f"--{label.lower()} has no item (give a comma-separated list)")
-        parts.append(f"{label}: {', '.join(items)}. ")
+            raise ValueError(f"{flag} has no item (give a comma-separated list)")
+        parts.append(_part(label, items[:3]))
     return "".join(parts)
