@@ -56,6 +56,9 @@ TRAIN_OPTIONS = [  # train.py options of the toy LM (beside --data/--out/--base/
     # what makes a from-scratch toy read its context (docs/training.md): a head that starts at the context's
     # same time, and copy windows (the context is the drum stem itself) that reward reading it at once
     "--align-init", "--p-copy-context", "0.2", "--code-cache",
+    # the data rules the shipped toy was trained with (before the original's became the defaults): a
+    # rebuild draws the same windows
+    "--silence-rule", "peak", "--retry", "any-song",
 ]
 
 
