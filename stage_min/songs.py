@@ -171,6 +171,3 @@ def stack_songs(models: dict, songs: list, prompts: list[str], window_s: float =
 def stack(models: dict, song, prompt: str = "", **kwargs) -> tuple[dict, torch.Tensor]:
     """One song -> ({stem: audio} for each stem of `models`, in order; the mix). See stack_songs."""
     return stack_songs(models, [song], [prompt], **kwargs)[0]
-
-
-# ---- the original's inference: one stem on the whole context ---------------------------------------
