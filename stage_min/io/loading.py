@@ -402,6 +402,7 @@ def check_finite(module: torch.nn.Module, what: str):
     """Refuse weights holding NaN or infinity, or values beyond +-MAX_ABS_WEIGHT (a diverged training
     run): they only make noise."""
     for name, p in module.named_parameters():
+        p = p.detach()
         if not p.is_floating_point() or not p.numel():
             continue
         if not bool(torch.isfinite(p).all()):
