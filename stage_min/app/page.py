@@ -38,6 +38,15 @@ MAX_SEED = 2**63 - 1
 
 
 # ---- inputs -------------------------------------------------------------------------------------
+class PageError(gr.Error):
+    """A message for the page, in one line, and nothing in the server's log: a bad input is not a fault
+    of the server (gradio prints a traceback for every other gr.Error). A bug's details are logged
+    once, by Generator.__call__."""
+
+    def __init__(self, message: str, **kwargs):
+        super().__init__(message, print_exception=False, **kwargs)
+
+
 def build_prompt(genres: str, moods: str, text: str) -> str:
     """The official STAGE models' caption form, `Genres: a, b. Moods: x. `, then any free text."""
     parts = []
@@ -77,12 +86,12 @@ def parse_stack(text: str, first: str = "stem") -> tuple[tuple[str, str], ...]:
             continue
         name, _, model = (x.strip() for x in item.partition("="))
         if not model or not stem_name_ok(name):
-            raise gr.Error(f"Stack: write each stem as name=model, comma separated (bass=runs/bass), got '{item.strip()}'.")
+            raise PageError(f"Stack: write each stem as name=model, comma separated (bass=runs/bass), got '{item.strip()}'.")
         if name.lower() in ("mix", first.lower()) or name.lower() in [n.lower() for n, _ in stems]:
-            raise gr.Error(f"Stack: the stem name '{name}' is used twice or names another output ({first}, mix).")
+            raise PageError(f"Stack: the stem name '{name}' is used twice or names another output ({first}, mix).")
         stems.append((name, model))
     if len(stems) > MAX_STACK:
-        raise gr.Error(f"Stack: at most {MAX_STACK} stems after the first, got {len(stems)}.")
+        raise PageError(f"Stack: at most {MAX_STACK} stems after the first, got {len(stems)}.")
     return tuple(stems)
 
 
@@ -95,7 +104,7 @@ def number(value, what: str, low: float, high: float, whole: bool = False, unit:
     if not ok:
         shown = f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else repr(value)
         kind = "a whole number" if whole else "a number"
-        raise gr.Error(f"{what} must be {kind} from {low:g} to {high:g}{unit}, got {shown}.")
+        raise PageError(f"{what} must be {kind} from {low:g} to {high:g}{unit}, got {shown}.")
     return int(value) if whole else float(value)
 
 
@@ -108,11 +117,11 @@ def check_request(song, bpm, beats_per_bar, prompt, model, seconds, guidance, to
     bpm = bpm or None  # the field shows 0 when empty: no click track
     seed = None if seed is None or seed == -1 else seed
     if not song and bpm is None:
-        raise gr.Error("Give a song to accompany (upload one) or a tempo in BPM for a click track.")
+        raise PageError("Give a song to accompany (upload one) or a tempo in BPM for a click track.")
     if song and bpm is not None:
-        raise gr.Error("Give a song or a tempo, not both: clear the BPM field to accompany the song.")
+        raise PageError("Give a song or a tempo, not both: clear the BPM field to accompany the song.")
     if bpm is not None and not (isinstance(bpm, (int, float)) and 20 <= bpm <= 400):
-        raise gr.Error(f"The tempo must be between 20 and 400 BPM, got {bpm:g}.")
+        raise PageError(f"The tempo must be between 20 and 400 BPM, got {bpm:g}.")
     beats_per_bar = number(beats_per_bar, "Beats per bar", 1, 16, whole=True)
     if song is None:  # the click track's length; a song is used whole
         seconds = number(seconds, "The click track's length", 0.1, MAX_CLICK_SECONDS, unit=" seconds")
@@ -120,14 +129,14 @@ def check_request(song, bpm, beats_per_bar, prompt, model, seconds, guidance, to
     if seed is not None:
         seed = number(seed, "The seed (-1 for a random one)", 0, MAX_SEED, whole=True)
     if not (model or "").strip():
-        raise gr.Error("Choose a model: a STAGE model folder or checkpoint file.")
+        raise PageError("Choose a model: a STAGE model folder or checkpoint file.")
     name = (name or "").strip() or "stem"
     if not stem_name_ok(name) or name.lower() == "mix":
-        raise gr.Error(f"The stem's name names its file: letters, digits, - and _ (not 'mix'), got '{name}'.")
+        raise PageError(f"The stem's name names its file: letters, digits, - and _ (not 'mix'), got '{name}'.")
     try:
         SamplingConfig(cfg_coef=guidance, top_k=top_k, temperature=temperature).check()
     except (ValueError, TypeError) as e:
-        raise gr.Error(f"Sampling settings: {e}.") from None
+        raise PageError(f"Sampling settings: {e}.") from None
     return Request(song, bpm, beats_per_bar, prompt, model.strip(), float(seconds or 0), float(guidance), top_k,
                    float(temperature), seed, parse_stack(stack, name), name)
 
@@ -164,12 +173,12 @@ def model_location(name: str, roots=None) -> str:
             if not inside:
                 break
             if real in roots:
-                raise gr.Error(f"{name} is a models folder itself; choose one model in it.")
+                raise PageError(f"{name} is a models folder itself; choose one model in it.")
             return str(real)
         if inside and real.parent.is_dir():  # under a root but missing
             hint = " Build the shipped toy with `python -m stage_min.toy weights/stage-toy`." if Path(name) == Path(DEFAULT_MODEL) else ""
-            raise gr.Error(f"Model folder {name} not found.{hint}")
-    raise gr.Error(f"Model {name} refused: this page loads only models under {roots_text(roots)} "
+            raise PageError(f"Model folder {name} not found.{hint}")
+    raise PageError(f"Model {name} refused: this page loads only models under {roots_text(roots)} "
                    "(start app.py with --model-root FOLDER to add one).")
 
 
@@ -243,18 +252,18 @@ def read_context(request: Request) -> tuple[np.ndarray, list[str]]:
     name = Path(request.song).name
     try:
         if os.path.isfile(request.song) and os.path.getsize(request.song) == 0:
-            raise gr.Error(f"The song ({name}) is an empty file (0 bytes): upload an audio file.")
+            raise PageError(f"The song ({name}) is an empty file (0 bytes): upload an audio file.")
         seconds = audio_seconds(request.song)
         if seconds > MAX_SONG_SECONDS:
-            raise gr.Error(f"The song ({name}) is {seconds / 60:.1f} minutes long; this page takes songs of up to "
+            raise PageError(f"The song ({name}) is {seconds / 60:.1f} minutes long; this page takes songs of up to "
                            f"{MAX_SONG_SECONDS / 60:g} minutes (sample.py takes any length).")
         audio = load_audio(request.song, SAMPLE_RATE)
     except AudioError as e:
-        raise gr.Error(f"The song ({name}) cannot be used: {upload_error(request.song, e)}.") from None
+        raise PageError(f"The song ({name}) cannot be used: {upload_error(request.song, e)}.") from None
     if len(audio) < SAMPLE_RATE // FRAME_RATE:
-        raise gr.Error(f"The song ({name}) is too short (less than 20 ms).")
+        raise PageError(f"The song ({name}) is too short (less than 20 ms).")
     if np.abs(audio).max() < 1e-4:
-        raise gr.Error(f"The song ({name}) is silent.")
+        raise PageError(f"The song ({name}) is silent.")
     return audio, []
 
 
@@ -314,10 +323,10 @@ class Generator:
         except gr.Error:
             raise
         except (LoadError, AudioError, ValueError, OSError) as e:  # bad input found late: its own message
-            raise gr.Error(str(e)) from None
+            raise PageError(str(e)) from None
         except Exception as e:  # a bug: the details go to the server's log, the page gets one line
             traceback.print_exc(file=sys.stderr)
-            raise gr.Error(f"Generation failed ({type(e).__name__}: {e}); the server's log has the details.") from None
+            raise PageError(f"Generation failed ({type(e).__name__}: {e}); the server's log has the details.") from None
 
     def generate(self, request: Request, location: str, progress) -> Result:
         import torch
