@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
 from .. import delay
 from .data import DataConfig, Example, context_frames, load_stem
@@ -595,7 +596,7 @@ def save_checkpoint(out: Path, lm: MusicGenLM, base: str, step: int, cfg: TrainC
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         write_atomic(out / LATEST, lambda p: p.write_text(name + "\n"))
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as a RuntimeError, safetensors as its own
         text = (getattr(e, "strerror", None) or str(e) or type(e).__name__).splitlines()[0]
         raise SaveError(f"cannot save the checkpoint of step {step} in {out} ({text}; is the disk full?); "
                         f"{kept}") from None
