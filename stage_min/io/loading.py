@@ -328,7 +328,7 @@ def lm_config_from_hf(config: dict, state: dict | None = None) -> LMConfig:
     keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_codebooks", "vocab_size", "ffn_dim")
     missing = [k for k in keys if k not in dec]
     if missing:
-        raise LoadError(f"config.json's 'decoder' section has no {missing[0]}")
+        raise LoadError(f"config.json's 'decoder' section: missing '{missing[0]}'")
     text = config.get("text_encoder", {})
     rows = state["decoder.model.decoder.embed_tokens.0.weight"].shape[0] if state and "decoder.model.decoder.embed_tokens.0.weight" in state else None
     try:
