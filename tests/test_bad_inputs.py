@@ -104,6 +104,7 @@ def inputs(tmp_path_factory, tiny_hf):
     model("zero_heads", set_("decoder", "num_attention_heads", 0))
     model("codec_rate_0", set_("audio_encoder", "sampling_rate", 0))
     model("bad_spiece", edit_files=lambda f: (f / "spiece.model").write_bytes(b"\x00garbage" * 10))
+    model("spiece_fifo", edit_files=lambda f: ((f / "spiece.model").unlink(), os.mkfifo(f / "spiece.model")))
 
     lm_cfg = dict(dim=64, n_layers=2, n_heads=4, n_codebooks=4, card=2048, n_special=2, text_dim=32)
     from stage_min.model import LMConfig, MusicGenLM
@@ -205,6 +206,7 @@ MODEL_CASES = [  # these need the model: a tiny one, so each costs about a secon
     ("{d}/good.wav", "{d}/config_dev_zero", "config.json is not a regular file"),
     ("{d}/good.wav", "{d}/window_1e309", "'window_seconds' must be a number of seconds in (0, 30], got inf"),
     ("{d}/good.wav", "{d}/int64_weights", "wrong number type for"),
+    ("{d}/good.wav", "{d}/spiece_fifo", "spiece.model is not a regular file"),  # sentencepiece would block on it
     ("{d}/good.wav", "{d}/ruined_weights", "reaches |w| = 1e+30"),
 ]
 

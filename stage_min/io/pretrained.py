@@ -18,7 +18,7 @@ from ..model import MusicGenLM
 from ..pipeline import MusicGen
 from ..text import TextEncoder
 from .formats import read_checkpoint
-from .loading import (LoadError, add_context_token, check_finite, check_sizes, load_strict, renamed_weight_norm,
+from .loading import (MAX_TEXT_BYTES, LoadError, add_context_token, check_finite, check_regular, check_sizes, load_strict, renamed_weight_norm,
                       submodule_state)
 
 MAX_WINDOW_SECONDS = 30.0  # a fixed window holds context, separator and stem in MusicGen's 30 s of positions
@@ -83,6 +83,8 @@ def load_text_encoder(folder: Path, config: dict, state: dict) -> TextEncoder:
     spiece = folder / "spiece.model"
     if not spiece.exists():
         raise LoadError(f"{folder} has no spiece.model (t5-base's sentencepiece model); copy it there from t5-base")
+    if check_regular(spiece).st_size > MAX_TEXT_BYTES:  # a FIFO or /dev/zero would hang sentencepiece's read
+        raise LoadError(f"{spiece} is over {MAX_TEXT_BYTES >> 20} MiB: not a sentencepiece model (t5-base's is 0.8 MiB)")
     t5_config = _sub_config(T5Config, config, "text_encoder")
     try:
         t5 = T5EncoderModel(t5_config)
