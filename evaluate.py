@@ -132,6 +132,8 @@ def run_beats(args):
         from stage_min.io.loading import LoadError, read_small
         from stage_min.train.data import parse_beats
 
+        if not os.path.lexists(args.beats):
+            raise EvalError(f"--beats {args.beats}: No such file")
         try:
             reference = parse_beats(read_small(Path(args.beats), MAX_BEATS_BYTES).decode("utf-8"))[0]
         except LoadError as e:
