@@ -21,6 +21,8 @@ from stage_min.cli.options import (OneLineParser, add_sampling_options, check_sa
 from stage_min.eval.evaluation import TRACKERS, EvalError, check_seconds
 
 SAMPLE_RATE = 32000  # `beats` scores audio at EnCodec's rate, as the experiments do
+MAX_BPM = 1000.0  # as sample.py: faster than any music; a limit also keeps the reference's size sane
+MAX_BEATS_BYTES = 16 << 20  # a beats.txt of a few hours is well under 1 MiB
 
 
 def add_model_options(p):
@@ -67,8 +69,8 @@ def parse_bpms(text: str) -> list[float]:
             bpm = float(item)
         except ValueError:
             raise EvalError(f"--bpm: {item.strip()!r} is not a number (want e.g. 100,120,140)") from None
-        if not (bpm > 0 and np.isfinite(bpm)):
-            raise EvalError(f"--bpm: every tempo must be > 0, got {item.strip()}")
+        if not (0 < bpm <= MAX_BPM):
+            raise EvalError(f"--bpm: every tempo must be > 0 and at most {MAX_BPM:g}, got {item.strip()}")
         bpms.append(bpm)
     return bpms
 
@@ -122,22 +124,33 @@ def run_beats(args):
 
     if (args.bpm is None) == (args.beats is None):
         raise EvalError("give the reference as --bpm or as --beats, one of them")
-    if args.bpm is not None and not (args.bpm > 0 and np.isfinite(args.bpm)):
-        raise EvalError(f"--bpm must be > 0, got {args.bpm:g}")
+    if args.bpm is not None and not (0 < args.bpm <= MAX_BPM):
+        raise EvalError(f"--bpm must be > 0 and at most {MAX_BPM:g}, got {args.bpm:g}")
     if not (args.offset >= 0 and np.isfinite(args.offset)):
         raise EvalError(f"--offset must be >= 0, got {args.offset:g}")
-    audio = load_audio(args.audio, SAMPLE_RATE)
-    if args.beats is not None:
+    if args.beats is not None:  # read before the audio: a bad reference fails fast
+        from stage_min.io.loading import LoadError, read_small
         from stage_min.train.data import parse_beats
 
+        if not os.path.lexists(args.beats):
+            raise EvalError(f"--beats {args.beats}: No such file")
         try:
-            reference = parse_beats(Path(args.beats).read_text())[0]
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise EvalError(f"--beats {args.beats}: {getattr(e, 'strerror', None) or e}") from None
-    else:
+            reference = parse_beats(read_small(Path(args.beats), MAX_BEATS_BYTES).decode("utf-8"))[0]
+        except LoadError as e:
+            raise EvalError(f"--beats: {e}") from None
+        except (UnicodeDecodeError, ValueError) as e:
+            raise EvalError(f"--beats {args.beats}: {e}") from None
+    audio = load_audio(args.audio, SAMPLE_RATE)
+    seconds = len(audio) / SAMPLE_RATE
+    if args.beats is None:
         from stage_min.io.metronome import beat_times
 
-        reference = beat_times(args.bpm, len(audio) / SAMPLE_RATE, args.offset)
+        if args.offset >= seconds:
+            raise EvalError(f"--offset {args.offset:g} s is not before the end of {args.audio} ({seconds:.2f} s): "
+                            "no reference beat would be scored")
+        reference = beat_times(args.bpm, seconds, args.offset)
+    elif not len(reference) or reference[0] >= seconds:
+        raise EvalError(f"--beats {args.beats}: no beat before the end of {args.audio} ({seconds:.2f} s): nothing to score")
     scores = E.beat_scores(audio, SAMPLE_RATE, reference, args.tracker)
     line = {"audio": args.audio, "tracker": args.tracker, **scores, "beats": [round(float(t), 3) for t in scores["beats"]]}
     print(json.dumps(E.jsonable(line)))

@@ -105,6 +105,7 @@ def inputs(tmp_path_factory, tiny_hf):
     model("zero_heads", set_("decoder", "num_attention_heads", 0))
     model("codec_rate_0", set_("audio_encoder", "sampling_rate", 0))
     model("bad_spiece", edit_files=lambda f: (f / "spiece.model").write_bytes(b"\x00garbage" * 10))
+    model("spiece_fifo", edit_files=lambda f: ((f / "spiece.model").unlink(), os.mkfifo(f / "spiece.model")))
 
     lm_cfg = dict(dim=64, n_layers=2, n_heads=4, n_codebooks=4, card=2048, n_special=2, text_dim=32)
     from stage_min.model import LMConfig, MusicGenLM
@@ -118,6 +119,28 @@ def inputs(tmp_path_factory, tiny_hf):
     config = json.loads((d / "string_dim" / "config.json").read_text())
     config["lm"]["dim"] = "64"
     (d / "string_dim" / "config.json").write_text(json.dumps(config))
+
+    def native(name, edit):  # a native model folder whose config.json `edit` changes (issue 23's bad configs)
+        save_native(d / name, lm.state_dict(), lm.cfg, str(base))
+        config = json.loads((d / name / "config.json").read_text())
+        (d / name / "config.json").write_text(edit(config) or json.dumps(config))
+
+    native("layers_1e9", lambda c: c["lm"].update(n_layers=10**9))  # a hang building 1e9 layers
+    native("dim_1e9", lambda c: c["lm"].update(dim=10**9, ffn_dim=0))  # a memory blow-up
+    from stage_min.io.formats import export_native
+    from stage_min.io.pretrained import from_pretrained
+
+    export_native(from_pretrained(str(base), stage=True), d / "window_1e309")  # self-contained: its config is the one read
+    config = json.loads((d / "window_1e309" / "config.json").read_text())
+    (d / "window_1e309" / "config.json").write_text(json.dumps(config)[:-1] + ', "window_seconds": 1e309}')  # json reads inf
+    native("config_dev_zero", lambda c: None)
+    (d / "config_dev_zero" / "config.json").unlink()
+    (d / "config_dev_zero" / "config.json").symlink_to("/dev/zero")  # sample.py once grew to 10 GB reading it
+    ruined = {k: v.clone() for k, v in lm.state_dict().items()}
+    ruined["heads.0.weight"][0, 0] = 1e30  # finite, but what a diverging run (--lr 1e30) saves
+    save_native(d / "ruined_weights", ruined, lm.cfg, str(base))
+    save_native(d / "int64_weights", {k: (v * 100).long() if v.is_floating_point() else v for k, v in lm.state_dict().items()},
+                lm.cfg, str(base))
     return d
 
 
@@ -178,6 +201,14 @@ MODEL_CASES = [  # these need the model: a tiny one, so each costs about a secon
     ("{d}/good.wav", "{d}/string_dim", "dim='64'"),
     ("{d}/good.wav", "{d}/nan_weights", "NaN or infinite values"),
     ("{d}/good.wav", "{d}/base_gone", "no longer exists"),
+    # issue 23: hangs and memory blow-ups, refused before anything is built or read
+    ("{d}/good.wav", "{d}/layers_1e9", "n_layers=1000000000 is above the limit of 256"),
+    ("{d}/good.wav", "{d}/dim_1e9", "dim=1000000000 is above the limit of 16384"),
+    ("{d}/good.wav", "{d}/config_dev_zero", "config.json is not a regular file"),
+    ("{d}/good.wav", "{d}/window_1e309", "'window_seconds' must be a number of seconds in (0, 30], got inf"),
+    ("{d}/good.wav", "{d}/int64_weights", "wrong number type for"),
+    ("{d}/good.wav", "{d}/spiece_fifo", "spiece.model is not a regular file"),  # sentencepiece would block on it
+    ("{d}/good.wav", "{d}/ruined_weights", "reaches |w| = 1e+30"),
 ]
 
 
@@ -235,6 +266,41 @@ def test_tiny_temperature_is_greedy_not_nan():
     from stage_min.generate import guided
 
     assert torch.isfinite(guided(torch.cat([half, -half]), 2, 1e4)).all()
+
+
+def test_config_that_is_dev_zero_does_not_hang_a_real_process(inputs):
+    """A hang test, under a timeout: sample.py once read /dev/zero until it held 10 GB."""
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(inputs / "config_dev_zero"), "--duration",
+                        "1", "--out", str(inputs / "x.wav")], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "config.json is not a regular file" in lines[0], r.stderr
+    assert not (inputs / "x.wav").exists()
+
+
+def full_disk(limit_bytes: int):
+    """For a child process: files may grow to limit_bytes, then writes fail with EFBIG as on a full disk
+    (SIGXFSZ ignored, so the write returns an error rather than killing the process)."""
+    def apply():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return apply
+
+
+def test_sample_on_a_full_disk_says_so_in_one_line(tiny_hf, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "kept.wav").write_bytes(b"an earlier output")
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(tiny_hf[0]), "--duration", "0.5",
+                        "--out", str(out / "kept.wav"), "--overwrite"], capture_output=True, text=True, timeout=300,
+                       preexec_fn=full_disk(4096), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and lines[-1].startswith("error: ") and "is the disk full?" in lines[-1], r.stderr
+    assert "Traceback" not in r.stderr and "LibsndfileError" not in r.stderr
+    assert (out / "kept.wav").read_bytes() == b"an earlier output"  # nothing already written is lost
+    assert sorted(p.name for p in out.iterdir()) == ["kept.wav"]  # no temporary left
 
 
 def test_only_the_used_part_of_a_long_context_is_read(inputs):
@@ -364,6 +430,123 @@ def test_non_finite_loss_stops_without_saving_over_the_last_checkpoint(tiny_hf, 
     assert (run / "latest").read_text().strip() == "step-00000001" and digest(run / "step-00000001") == good
 
 
+def test_a_diverging_run_keeps_the_last_good_checkpoint(tiny_hf, dataset, tmp_path, capsys):
+    """--lr 1e30 gives finite but ruined weights (1e30) after one update: they are not saved, the good
+    step stays, and the message says which one is kept."""
+    run = tmp_path / "run"
+    train.main(train_args(tiny_hf, dataset, run, "--save-every", "1", steps=1))
+    good = digest(run / "step-00000001")
+    line = one_line_exit_2(train.main, train_args(tiny_hf, dataset, run, "--resume", "--lr", "1e30", "--save-every", "1",
+                                                  steps=3), capsys, after_progress=True)
+    assert "not saved: the last good checkpoint step-00000001 in" in line and "is kept" in line, line
+    assert (run / "latest").read_text().strip() == "step-00000001" and digest(run / "step-00000001") == good
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(("step-", ".step-"))) == ["step-00000001"]
+    from stage_min.io.pretrained import from_pretrained
+
+    assert from_pretrained(str(run)).lm.cfg.dim == 32  # what sample.py --model RUN loads: the good one
+
+
+def test_checkpoint_problem_names_ruined_weights_and_exploding_losses(lm_and_optimizer):
+    lm, _, _ = lm_and_optimizer
+    state = lm.state_dict()
+    assert T.checkpoint_problem(state, 7.0, 2048) is None
+    assert "is exploding" in T.checkpoint_problem(state, 1e6, 2048)
+    assert "the training loss is nan" in T.checkpoint_problem(state, float("nan"), 2048)
+    ruined = {**state, "heads.0.weight": state["heads.0.weight"] * 1e30}
+    assert "reaches |w|" in T.checkpoint_problem(ruined, 7.0, 2048)
+    broken = {**state, "heads.0.weight": state["heads.0.weight"] * float("inf")}
+    assert "NaN or infinite" in T.checkpoint_problem(broken, None, 2048)
+
+
+def test_save_checkpoint_refuses_an_exploding_loss_and_keeps_the_good_one(tiny_hf, tmp_path, lm_and_optimizer):
+    lm, cfg, optimizer = lm_and_optimizer
+    run = tmp_path / "run"
+    run.mkdir()
+    T.save_checkpoint(run, lm, str(tiny_hf[0]), 1, cfg, optimizer, loss=7.5)
+    good = digest(run / "step-00000001")
+    with pytest.raises(T.Diverged, match="exploding.*the last good checkpoint step-00000001 in .* is kept"):
+        T.save_checkpoint(run, lm, str(tiny_hf[0]), 2, cfg, optimizer, loss=1e9)
+    assert sorted(p.name for p in run.iterdir()) == ["latest", "step-00000001"] and digest(run / "step-00000001") == good
+
+
+def test_train_on_a_full_disk_keeps_the_last_checkpoint(tiny_hf, dataset, tmp_path, capsys, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError: train.py says so in one line (SaveError is an
+    OSError), the last checkpoint stays whole and no temporary folder is left."""
+    run = tmp_path / "run"
+    train.main(train_args(tiny_hf, dataset, run, "--save-every", "1", steps=1))
+    good = digest(run / "step-00000001")
+
+    def full(*a, **kw):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file data/0: "
+                           "file write failed")
+
+    monkeypatch.setattr(T.torch, "save", full)
+    line = one_line_exit_2(train.main, train_args(tiny_hf, dataset, run, "--resume", "--save-every", "1", steps=2), capsys,
+                           after_progress=True)
+    assert "cannot save the checkpoint of step 2" in line and "is the disk full?" in line and "step-00000001" in line
+    assert sorted(p.name for p in run.iterdir() if p.name != T.METRICS_FILE) == ["latest", "step-00000001"]
+    assert digest(run / "step-00000001") == good
+
+
+def test_save_checkpoint_on_a_real_full_disk(tiny_hf, tmp_path):
+    """The same with a real limit on file size in a child process (EFBIG, as ENOSPC on a full disk)."""
+    run = tmp_path / "run"
+    script = f"""
+import sys, torch
+from stage_min.model import LMConfig, MusicGenLM
+from stage_min.train import training as T
+lm = MusicGenLM(LMConfig(dim=32, n_layers=1, n_heads=2, n_codebooks=4, card=2048, n_special=2, text_dim=32))
+cfg = T.TrainConfig(preset="tiny", lr=1e-3)
+opt = T.make_optimizer(lm, cfg)
+run = {str(run)!r}
+if sys.argv[1] == "first":
+    import pathlib; pathlib.Path(run).mkdir()
+    T.save_checkpoint(run, lm, {str(tiny_hf[0])!r}, 1, cfg, opt)
+else:
+    try:
+        T.save_checkpoint(run, lm, {str(tiny_hf[0])!r}, 2, cfg, opt)
+    except T.SaveError as e:
+        print(e)
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", script, "first"], check=True, env=env, timeout=300)
+    good = digest(run)
+    r = subprocess.run([sys.executable, "-c", script, "second"], capture_output=True, text=True, env=env, timeout=300,
+                       preexec_fn=full_disk(64 << 10))
+    assert r.returncode == 0 and "cannot save the checkpoint of step 2" in r.stdout, (r.stdout, r.stderr)
+    assert "the last good checkpoint step-00000001" in r.stdout and digest(run) == good
+    assert sorted(p.name for p in run.iterdir()) == ["latest", "step-00000001"]
+
+
+def test_a_run_folder_is_locked_against_a_second_train_py(tmp_path):
+    """Two train.py on one --out once corrupted each other (the second's clean-up deleted the first's
+    temporary step): the second now stops at once. The lock is the kernel's: it goes with the process."""
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom stage_min.train import training as T\n"
+                               f"lock = T.lock_run({str(run)!r})\nprint('locked', flush=True)\ntime.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(T.UsageError, match="is in use by another train.py"):
+            T.lock_run(run)
+    finally:
+        holder.kill()
+        holder.wait()
+    with T.lock_run(run):  # released with the process (kill -9 included)
+        with pytest.raises(T.UsageError, match="in use"):
+            T.lock_run(run)  # a second lock, even in one process
+    T.lock_run(run).release()
+    assert list(run.iterdir()) == []  # no lock file left behind
+
+
+def test_out_inside_data_is_refused(dataset, tmp_path):
+    for out in (dataset, dataset / "runs" / "drums", dataset / "." ):
+        with pytest.raises(T.UsageError, match="--out .* (is --data itself|inside --data)"):
+            T.check_out_not_data(out, dataset)
+    T.check_out_not_data(tmp_path / "run", dataset)  # beside it: fine
+    T.check_out_not_data(dataset.parent, dataset)  # a run folder above the data never lands among the songs
+
+
 def test_unusable_held_out_songs_say_validation_is_off(tiny_hf, dataset, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(dataset, data)
@@ -462,6 +645,34 @@ def test_kill_9_during_saves_leaves_a_resumable_run(tiny_hf, dataset, tmp_path, 
     train.main(train_args(tiny_hf, dataset, run, "--resume", "--save-every", "1", steps=step + 1))
     assert "done: step" in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == ["latest", T.METRICS_FILE, f"step-{step + 1:08d}"]  # leftovers gone
+
+
+# ---- evaluate.py ---------------------------------------------------------------------------------
+EVAL_CASES = [
+    (["beats", "{d}/good.wav", "--bpm", "1e12"], "--bpm must be > 0 and at most 1000"),  # numpy asked for 497 GiB
+    (["beats", "{d}/good.wav", "--bpm", "120", "--offset", "1e12"], "--offset 1e+12 s is not before the end"),  # was f_measure null
+    (["beats", "{d}/good.wav", "--beats", "{d}"], "is a folder"),
+    (["beats", "{d}/good.wav", "--beats", "{d}/fifo.wav"], "is not a regular file"),
+    (["tempo", "--model", NO_MODEL, "--bpm", "1e12", "--out", "{d}/eval"], "every tempo must be > 0 and at most 1000"),
+]
+
+
+@pytest.mark.parametrize("argv, message", EVAL_CASES)
+def test_evaluate_bad_options(inputs, capsys, argv, message):
+    import evaluate
+
+    before = digest(inputs)
+    line = one_line_exit_2(evaluate.main, [a.format(d=inputs) for a in argv], capsys)
+    assert message in line, line
+    assert digest(inputs) == before
+
+
+def test_evaluate_beats_dev_zero_does_not_hang_a_real_process(inputs):
+    """A hang test, under a timeout: --beats /dev/zero was read until memory ran out."""
+    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "beats", str(inputs / "good.wav"), "--beats", "/dev/zero"],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --beats: /dev/zero is not a regular file (a device, FIFO or socket); refusing to read it"], r.stderr
 
 
 # ---- convert, synth, tiny -------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..io.loading import LoadError, follow_latest, read_config, read_small
 from ..train.beats import TRACK_HOP, TRACK_RATE, TRACKERS, beat_times
 
 BEAT_WINDOW = 0.07  # seconds either side: the paper's (and mir_eval's default) F-measure window
@@ -237,8 +238,8 @@ def _song_beats(song, stems: dict, sample_rate: int, tracker: str) -> np.ndarray
 
     if song.beats_file is not None:
         try:
-            return D.parse_beats(song.beats_file.read_text())[0]
-        except (OSError, UnicodeDecodeError, ValueError) as e:
+            return D.parse_beats(read_small(song.beats_file, 16 << 20).decode("utf-8"))[0]
+        except (LoadError, UnicodeDecodeError, ValueError) as e:
             print(f"warning: {song.beats_file}: {e}; tracking the beats instead", file=sys.stderr)
     mix = np.zeros(max(len(a) for a in stems.values()), dtype=np.float32)
     for a in stems.values():
@@ -304,12 +305,13 @@ def train_split(model_spec: str) -> tuple[float, int]:
     from ..train.data import DataConfig
     from ..train.training import TrainConfig
 
-    try:
-        train = json.loads((Path(model_spec) / "config.json").read_text()).get("train") or {}
-    except (OSError, ValueError, AttributeError):
-        train = {}
-    val_fraction = (train.get("data_cfg") or {}).get("val_fraction", DataConfig().val_fraction)
-    return float(val_fraction), int(train.get("seed", TrainConfig().seed))
+    try:  # a run folder: its latest step's config.json
+        train = read_config(follow_latest(Path(model_spec))).get("train") or {}
+        val_fraction = float((train.get("data_cfg") or {}).get("val_fraction", DataConfig().val_fraction))
+        seed = int(train.get("seed", TrainConfig().seed))
+    except (LoadError, OSError, ValueError, TypeError, AttributeError, OverflowError):
+        return DataConfig().val_fraction, TrainConfig().seed
+    return val_fraction, seed
 
 
 def _safe(name: str) -> str:

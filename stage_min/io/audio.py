@@ -96,6 +96,75 @@ def peak_normalize(audio: np.ndarray, peak: float = 0.99) -> np.ndarray:
     return audio * (peak / top) if top > peak else audio
 
 
+# ---- the mix: song and stems level-matched ---------------------------------------------------------
+MIX_LOUDNESS_DB = -20.0  # each part's loudness in the mix (dBFS RMS over its non-silent 400 ms blocks)
+MIX_CEILING = 0.89  # -1 dBFS: the limiter's ceiling
+SILENT_DB = -60.0  # a part quieter than this is left as it is (silence is not brought up to -20 dB)
+
+
+def loudness_db(audio: np.ndarray, sample_rate: int) -> float:
+    """A gated RMS level in dBFS, like EBU R128's gating without its K-weighting: the RMS over the
+    400 ms blocks no more than 20 dB under the loudest block, so a stem's silences and a song's fade
+    do not pull its level down. -inf for silence."""
+    audio = np.asarray(audio, dtype=np.float64).reshape(-1)
+    if not audio.size:
+        return float("-inf")
+    block = max(1, int(0.4 * sample_rate))
+    n = max(1, len(audio) // block)
+    power = np.array([np.mean(b ** 2) for b in np.array_split(audio[: max(block, n * block)], n)])
+    if power.max() <= 0:
+        return float("-inf")
+    gated = power[power >= power.max() * 10 ** (-20 / 10)]
+    return float(10 * np.log10(gated.mean()))
+
+
+def limit(audio: np.ndarray, sample_rate: int, ceiling: float = MIX_CEILING, release_s: float = 0.1) -> np.ndarray:
+    """A peak limiter: the gain drops ahead of each peak (one 5 ms block of look-ahead) just enough
+    that no sample exceeds `ceiling`, and comes back up over `release_s`. Only the loud moments are
+    turned down, never the whole signal."""
+    audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+    if not audio.size or float(np.abs(audio).max()) <= ceiling:
+        return audio
+    hop = max(1, int(0.005 * sample_rate))
+    n = -(-len(audio) // hop)
+    padded = np.pad(np.abs(audio), (0, n * hop - len(audio)))
+    peak = padded.reshape(n, hop).max(axis=1)
+    held = np.maximum(peak, np.maximum(np.r_[0.0, peak[:-1]], np.r_[peak[1:], 0.0]))  # each block and its neighbours
+    gain = np.minimum(1.0, ceiling / np.maximum(held, 1e-12))
+    rise = np.exp(np.log(1e3) * hop / (release_s * sample_rate))  # back up by 60 dB per release_s at most
+    for i in range(1, n):  # the release: the gain may fall at once, it rises slowly
+        gain[i] = min(gain[i], gain[i - 1] * rise)
+    # gain at each block's centre, linear in between: a sample's two neighbouring block gains both
+    # hold its own peak below the ceiling, so their interpolation does too
+    centres = (np.arange(n) + 0.5) * hop
+    smooth = np.interp(np.arange(len(audio)), centres, gain).astype(np.float32)
+    return np.clip(audio * smooth, -ceiling, ceiling)
+
+
+def mix(song, stems, sample_rate: int) -> np.ndarray:
+    """The song and its stems as one track where each can be heard. The rule: every part (the song or
+    click track, and each stem) is brought to the same loudness, MIX_LOUDNESS_DB (gated RMS,
+    loudness_db); the parts are summed; a peak limiter (limit) holds the sum under -1 dBFS. Never a
+    rescale of the whole sum, which would leave each part as unbalanced as it came (a stem far above
+    full scale buried the song 22 dB under it). A silent part stays silent. The mix is as long as the
+    longest stem (the song cut or padded to it); song may be None (the stems alone)."""
+    stems = list(stems.values()) if isinstance(stems, dict) else list(stems)
+    parts = [np.asarray(a, dtype=np.float64).reshape(-1) for a in stems]
+    n = max((len(a) for a in parts), default=0)
+    if song is not None:
+        song = np.asarray(song, dtype=np.float64).reshape(-1)
+        n = n or len(song)
+        parts.insert(0, np.pad(song[:n], (0, max(0, n - len(song)))))
+    out = np.zeros(n, dtype=np.float64)
+    for part in parts:
+        if not np.isfinite(part).all():
+            raise AudioError("cannot mix audio with NaN or infinite samples")
+        level = loudness_db(part, sample_rate)
+        gain = 10 ** ((MIX_LOUDNESS_DB - level) / 20) if level > SILENT_DB else 1.0
+        out[: len(part)] += part * gain
+    return limit(out.astype(np.float32), sample_rate)
+
+
 def save_audio(path: str | Path, audio: np.ndarray, sample_rate: int):
     """Write in the format the suffix names (16-bit WAV, FLAC, OGG Vorbis, MP3) through a temporary
     name, then rename, so that an interrupted write never leaves a half file under the real name."""
@@ -108,9 +177,13 @@ def save_audio(path: str | Path, audio: np.ndarray, sample_rate: int):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        sf.write(tmp, audio, sample_rate, format=fmt)
-        with_default_mode(tmp)
-        os.replace(tmp, path)
+        try:
+            sf.write(tmp, audio, sample_rate, format=fmt)
+            with_default_mode(tmp)
+            os.replace(tmp, path)
+        except (sf.LibsndfileError, sf.SoundFileRuntimeError, OSError) as e:  # a full disk, a quota
+            reason = (getattr(e, "error_string", None) or getattr(e, "strerror", None) or str(e) or type(e).__name__)
+            raise AudioError(f"{path}: cannot write it ({reason.splitlines()[0]}; is the disk full?)") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -6,6 +6,7 @@ naming it. Nothing is ever loaded partially.
 import json
 import os
 import re
+import stat
 import tempfile
 import warnings
 from dataclasses import replace
@@ -34,9 +35,9 @@ def follow_latest(folder: Path) -> Path:
     if not pointer.is_file():
         return Path(folder)
     try:
-        name = pointer.read_text().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise LoadError(f"cannot read {pointer} ({getattr(e, 'strerror', None) or type(e).__name__})") from None
+        name = read_small(pointer, 4096).decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise LoadError(f"cannot read {pointer} ({type(e).__name__})") from None
     if not re.fullmatch(r"step-\d+", name) or not (Path(folder) / name).is_dir():
         raise LoadError(f"{pointer} names {name!r}, which is not a checkpoint folder in {folder}")
     return Path(folder) / name
@@ -72,13 +73,57 @@ def has_weights(folder: Path) -> bool:
     index = next((folder / i for i in ("model.safetensors.index.json", "pytorch_model.bin.index.json") if (folder / i).exists()), None)
     if index is not None:
         try:
-            return all((folder / shard).exists() for shard in json.loads(index.read_text())["weight_map"].values())
-        except (ValueError, KeyError):
+            return all((folder / shard).exists() for shard in read_json(index)["weight_map"].values())
+        except (LoadError, ValueError, KeyError, AttributeError, TypeError):
             return False
     return (folder / "model.safetensors").exists() or (folder / "pytorch_model.bin").exists()
 
 
 # ---- reading files ------------------------------------------------------------------------------
+MAX_TEXT_BYTES = 64 << 20  # config.json, an index, beats.txt, a pointer: small files; anything bigger is not one
+
+
+def check_regular(path: Path) -> os.stat_result:
+    """A regular file (symlinks followed), else LoadError: a FIFO blocks, /dev/zero never ends."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise LoadError(f"{Path(path).parent} has no {Path(path).name}") from None
+    except OSError as e:
+        raise LoadError(f"cannot read {path} ({e.strerror or type(e).__name__})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise LoadError(f"{path} is a folder, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise LoadError(f"{path} is not a regular file (a device, FIFO or socket); refusing to read it")
+    return st
+
+
+def read_small(path: Path, limit: int = MAX_TEXT_BYTES) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes; LoadError for anything else. The file is
+    opened without blocking and checked on its descriptor (a path swapped after the check is still
+    caught), and never more than limit + 1 bytes are read."""
+    check_regular(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise LoadError(f"cannot read {path} ({e.strerror or type(e).__name__})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise LoadError(f"{path} is not a regular file (a device, FIFO or socket); refusing to read it")
+        if st.st_size > limit:
+            raise LoadError(f"{path} is {st.st_size / 2**20:.1f} MiB, too large for this kind of file (at most {limit >> 20} MiB)")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise LoadError(f"cannot read {path} ({e.strerror or type(e).__name__})") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise LoadError(f"{path} grew past {limit >> 20} MiB while being read")
+    return data
+
+
 def safe_torch_load(path: Path, legacy_numpy: bool = False, mmap: bool = False):
     """torch.load that never runs pickled code (weights_only=True): tensors, numbers, strings and
     containers only. A file that pickles anything else is refused in one line (torch's warnings
@@ -88,6 +133,7 @@ def safe_torch_load(path: Path, legacy_numpy: bool = False, mmap: bool = False):
     The file is opened here, so its suffix never decides how torch reads it."""
     import numpy as np
 
+    check_regular(path)
     allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
                (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct] if legacy_numpy else []
     try:
@@ -108,6 +154,7 @@ def safe_torch_load(path: Path, legacy_numpy: bool = False, mmap: bool = False):
 
 
 def _read_one(path: Path) -> dict:
+    check_regular(path)
     if path.suffix != ".safetensors":
         return safe_torch_load(path)
     try:
@@ -122,7 +169,9 @@ def read_state_dict(folder: Path) -> dict:
         if (folder / single).exists():
             return _read_one(folder / single)
         if (folder / index).exists():
-            weight_map = json.loads((folder / index).read_text())["weight_map"]
+            weight_map = read_json(folder / index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise LoadError(f"{folder / index} has no 'weight_map' object of file names")
             state = {}
             for shard in sorted(set(weight_map.values())):
                 if not (folder / shard).exists():
@@ -136,13 +185,7 @@ def read_json(path: Path, what: str = "JSON object") -> dict:
     """A JSON object from a file; LoadError naming the file for anything else."""
     path = Path(path)
     try:
-        value = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise LoadError(f"{path.parent} has no {path.name}") from None
-    except IsADirectoryError:
-        raise LoadError(f"{path} is a folder, not a file") from None
-    except OSError as e:
-        raise LoadError(f"cannot read {path} ({e.strerror or type(e).__name__})") from None
+        value = json.loads(read_small(path).decode("utf-8"))
     except UnicodeDecodeError as e:
         raise LoadError(f"{path} is not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
@@ -170,7 +213,10 @@ def load_strict(module: torch.nn.Module, state: dict, what: str, assign: bool = 
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    for problems, label in [(missing, "missing key"), (unexpected, "unexpected key"), (wrong, "wrong shape for")]:
+    kind = [f"{k} ({str(state[k].dtype).replace('torch.', '')}, not floating point)" for k, v in expected.items()
+            if k in state and v.is_floating_point() and not (torch.is_tensor(state[k]) and state[k].is_floating_point())]
+    for problems, label in [(missing, "missing key"), (unexpected, "unexpected key"), (wrong, "wrong shape for"),
+                            (kind, "wrong number type for")]:
         if problems:
             raise LoadError(f"{what}: {name_first(label, problems)}")
     module.load_state_dict(state, strict=True, assign=assign)
@@ -233,6 +279,42 @@ def lm_state_to_hf(state: dict, cfg: LMConfig) -> dict:
     return out
 
 
+# ---- size limits, checked before anything is built ------------------------------------------------
+# Far above any MusicGen (large: dim 2048, 48 layers, 3.3B parameters), far below what would hang or
+# exhaust memory while building the model (a config file can hold anything: n_layers=1e9).
+LM_LIMITS = {"dim": 16384, "n_layers": 256, "n_heads": 256, "n_codebooks": 64, "card": 1 << 20, "n_special": 16,
+             "text_dim": 16384, "ffn_dim": 131072}
+MAX_LM_PARAMETERS = 20e9
+
+
+def lm_parameters(cfg: LMConfig) -> float:
+    """About how many parameters an LM of this config has (self + cross attention, FFN, tables, heads)."""
+    d = cfg.dim
+    per_layer = 4 * d * d + 4 * d * d + 2 * d * cfg.ffn_dim
+    return cfg.n_layers * per_layer + cfg.n_codebooks * (2 * cfg.card + cfg.n_special) * d + cfg.text_dim * d
+
+
+def check_lm_size(cfg: LMConfig, where: str = "config.json") -> LMConfig:
+    """LoadError (one line) for an LM too big to be a MusicGen, before anything is built."""
+    for name, limit in LM_LIMITS.items():
+        if getattr(cfg, name) > limit:
+            raise LoadError(f"{where}: LM setting {name}={getattr(cfg, name)!r} is above the limit of {limit} "
+                            "(no MusicGen is that large; is the file damaged?)")
+    if lm_parameters(cfg) > MAX_LM_PARAMETERS:
+        raise LoadError(f"{where}: the LM it describes has about {lm_parameters(cfg) / 1e9:.0f}B parameters, above the "
+                        f"limit of {MAX_LM_PARAMETERS / 1e9:.0f}B (MusicGen large has 3.3B)")
+    return cfg
+
+
+def check_sizes(values: dict, limits: dict, where: str):
+    """Each named size a whole number in [1, its limit]: for the T5 and EnCodec sections."""
+    for name, limit in limits.items():
+        value = values.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+            more = f" (at most {limit})" if isinstance(value, (int, float)) and not isinstance(value, bool) and value > limit else ""
+            raise LoadError(f"{where}: {name}={value!r} describes no valid model{more}")
+
+
 def lm_config_from_hf(config: dict, state: dict | None = None) -> LMConfig:
     dec = config.get("decoder")
     if not isinstance(dec, dict) or "hidden_size" not in dec:
@@ -242,12 +324,22 @@ def lm_config_from_hf(config: dict, state: dict | None = None) -> LMConfig:
     if dec.get("activation_function", "gelu") != "gelu" or dec.get("scale_embedding", False):
         raise LoadError("config.json describes a decoder variant this model does not implement")
     # a STAGE checkpoint stores one more input row per codebook (the context token)
-    rows = state["decoder.model.decoder.embed_tokens.0.weight"].shape[0] if state and "decoder.model.decoder.embed_tokens.0.weight" in state else dec["vocab_size"] + 1
-    return LMConfig(
-        dim=dec["hidden_size"], n_layers=dec["num_hidden_layers"], n_heads=dec["num_attention_heads"],
-        n_codebooks=dec["num_codebooks"], card=dec["vocab_size"], ffn_dim=dec["ffn_dim"],
-        text_dim=config.get("text_encoder", {}).get("d_model", 768), n_special=max(1, rows - dec["vocab_size"]),
-    )
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_codebooks", "vocab_size", "ffn_dim")
+    missing = [k for k in keys if k not in dec]
+    if missing:
+        raise LoadError(f"config.json's 'decoder' section: missing '{missing[0]}'")
+    text = config.get("text_encoder", {})
+    rows = state["decoder.model.decoder.embed_tokens.0.weight"].shape[0] if state and "decoder.model.decoder.embed_tokens.0.weight" in state else None
+    try:
+        special = max(1, rows - dec["vocab_size"]) if rows is not None else 1
+        cfg = LMConfig(
+            dim=dec["hidden_size"], n_layers=dec["num_hidden_layers"], n_heads=dec["num_attention_heads"],
+            n_codebooks=dec["num_codebooks"], card=dec["vocab_size"], ffn_dim=dec["ffn_dim"],
+            text_dim=text.get("d_model", 768) if isinstance(text, dict) else 768, n_special=special,
+        )
+    except (TypeError, ValueError) as e:
+        raise LoadError(f"config.json's 'decoder' section: {e}") from None
+    return check_lm_size(cfg)
 
 
 def add_context_token(lm_state: dict, cfg: LMConfig) -> tuple[dict, LMConfig]:
@@ -296,16 +388,27 @@ def lm_config_from_native(config: dict) -> LMConfig:
     if not isinstance(values, dict):
         raise LoadError("native config.json has no 'lm' section")
     try:
-        return LMConfig(**values)
+        cfg = LMConfig(**values)
     except (TypeError, ValueError) as e:
         raise LoadError(f"native config.json 'lm' section does not fit this version: {e}") from None
+    return check_lm_size(cfg)
+
+
+MAX_ABS_WEIGHT = 1e4  # no trained MusicGen weight comes near; a diverging run's do (1e30 at --lr 1e30)
 
 
 def check_finite(module: torch.nn.Module, what: str):
-    """Refuse weights holding NaN or infinity (a diverged training run): they only make noise."""
+    """Refuse weights holding NaN or infinity, or values beyond +-MAX_ABS_WEIGHT (a diverged training
+    run): they only make noise."""
     for name, p in module.named_parameters():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+        p = p.detach()
+        if not p.is_floating_point() or not p.numel():
+            continue
+        if not bool(torch.isfinite(p).all()):
             raise LoadError(f"{what}: weight {name} holds NaN or infinite values (a diverged training run?)")
+        if float(p.abs().max()) > MAX_ABS_WEIGHT:
+            raise LoadError(f"{what}: weight {name} reaches |w| = {float(p.abs().max()):.3g}, above {MAX_ABS_WEIGHT:g} "
+                            "(a diverged training run?)")
 
 
 def with_default_mode(path: Path):

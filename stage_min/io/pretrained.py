@@ -18,7 +18,8 @@ from ..model import MusicGenLM
 from ..pipeline import MusicGen
 from ..text import TextEncoder
 from .formats import read_checkpoint
-from .loading import LoadError, add_context_token, check_finite, load_strict, renamed_weight_norm, submodule_state
+from .loading import (MAX_TEXT_BYTES, LoadError, add_context_token, check_finite, check_regular, check_sizes, load_strict, renamed_weight_norm,
+                      submodule_state)
 
 MAX_WINDOW_SECONDS = 30.0  # a fixed window holds context, separator and stem in MusicGen's 30 s of positions
 
@@ -83,6 +84,8 @@ def load_text_encoder(folder: Path, config: dict, state: dict) -> TextEncoder:
     spiece = folder / "spiece.model"
     if not spiece.exists():
         raise LoadError(f"{folder} has no spiece.model (t5-base's sentencepiece model); copy it there from t5-base")
+    if check_regular(spiece).st_size > MAX_TEXT_BYTES:  # a FIFO or /dev/zero would hang sentencepiece's read
+        raise LoadError(f"{spiece} is over {MAX_TEXT_BYTES >> 20} MiB: not a sentencepiece model (t5-base's is 0.8 MiB)")
     t5_config = _sub_config(T5Config, config, "text_encoder")
     try:
         t5 = T5EncoderModel(t5_config)
@@ -110,18 +113,26 @@ def _sub_config(kind, config: dict, part: str):
         sub = kind.from_dict(section)
     except Exception as e:
         raise LoadError(f"config.json's '{part}' section is not a valid {kind.__name__} ({type(e).__name__}: {e})") from None
-    sizes = (["d_model", "d_kv", "d_ff", "num_layers", "num_heads", "vocab_size"] if part == "text_encoder" else
-             ["sampling_rate", "num_filters", "hidden_size", "codebook_size", "codebook_dim", "audio_channels"])
-    for name in sizes:
-        value = getattr(sub, name, None)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise LoadError(f"config.json's '{part}' section: {name}={value!r} describes no valid model")
+    # upper limits far above t5-base / EnCodec 32 kHz, far below what would exhaust memory while building
+    limits = (dict(d_model=16384, d_kv=4096, d_ff=131072, num_layers=256, num_heads=256, vocab_size=1 << 20)
+              if part == "text_encoder" else
+              dict(sampling_rate=384000, num_filters=4096, hidden_size=16384, codebook_size=1 << 20, codebook_dim=16384,
+                   audio_channels=8, num_residual_layers=64, num_lstm_layers=64))
+    check_sizes({name: getattr(sub, name, None) for name in limits}, limits, f"config.json's '{part}' section")
+    if part == "text_encoder" and sub.num_layers * (4 * sub.d_model * sub.num_heads * sub.d_kv + 3 * sub.d_model * sub.d_ff) \
+            + sub.vocab_size * sub.d_model > 20e9:
+        raise LoadError(f"config.json's '{part}' section describes a T5 of over 20B parameters (t5-base has 0.1B)")
     if part == "audio_encoder":
         ratios, bandwidths = sub.upsampling_ratios, sub.target_bandwidths
-        if (not isinstance(ratios, list) or not ratios or not all(isinstance(r, int) and r >= 1 for r in ratios)
+        if (not isinstance(ratios, list) or not ratios or len(ratios) > 16
+                or not all(isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= 64 for r in ratios)
                 or not isinstance(bandwidths, list) or not bandwidths
                 or not all(isinstance(b, (int, float)) and b > 0 for b in bandwidths)):
             raise LoadError(f"config.json's '{part}' section: upsampling_ratios / target_bandwidths describe no valid codec")
+        if sub.num_filters * 2 ** len(ratios) > 1 << 16 or sub.codebook_size * sub.codebook_dim > 1 << 26 \
+                or len(bandwidths) > 64 or max(bandwidths) > 1000:
+            raise LoadError(f"config.json's '{part}' section describes a codec far larger than EnCodec (num_filters, "
+                            "upsampling_ratios, codebook_size x codebook_dim or target_bandwidths)")
     return sub
 
 

@@ -16,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 
 from .options import PROBABILITY, SEED, Rule, above, at_least, check_options, one_of, option, within
 from .data import DataConfig, Example, context_frames, encode_autocast, load_stem
-from ..io.loading import (LATEST, LoadError, follow_latest, is_native, read_config, safe_torch_load, save_native, with_default_mode, write_atomic)
+from ..io.loading import (LATEST, MAX_ABS_WEIGHT, LoadError, follow_latest, is_native, read_config, safe_torch_load, save_native,
+                          with_default_mode, write_atomic)
 from ..io.metronome import click_track
 from ..model import LMConfig, MusicGenLM
 from ..songs import encode_contexts
@@ -34,7 +36,13 @@ class UsageError(Exception):
 
 
 class Diverged(Exception):
-    """The loss, the gradients or the weights became NaN or infinite; nothing is saved over the last checkpoint."""
+    """The loss, the gradients or the weights became NaN, infinite or absurdly large; nothing is saved
+    over the last good checkpoint."""
+
+
+class SaveError(OSError):
+    """A checkpoint could not be written (a full disk: torch.save's RuntimeError, an OSError); the
+    last checkpoint is kept. An OSError, so that train.py's one-line error handling covers it."""
 
 
 CLIP_MODES, PRECISIONS, SEPARATOR_INITS = ("value", "norm"), ("fp16", "bf16", "fp32"), ("kaiming", "mean")
@@ -470,38 +478,124 @@ def scaler_state(scaler) -> dict | None:
     return {k: (v.item() if torch.is_tensor(v) else v) for k, v in scaler.state_dict().items()}
 
 
-def save_checkpoint(out: Path, lm: MusicGenLM, base: str, step: int, cfg: TrainConfig, optimizer, scaler=None):
+def checkpoint_problem(lm_state: dict, loss: float | None, card: int) -> str | None:
+    """Why these weights must not replace the last good checkpoint, or None when they are fit to:
+    every weight finite and within +-MAX_ABS_WEIGHT (a diverging run, e.g. --lr 1e30, gives finite
+    but ruined weights of 1e30), and the last step's training loss (when given) finite and not
+    exploding: at most 3 x ln(card), three times the loss of guessing uniformly. The loss was measured
+    before the step's update, the weights after it: the two checks together cover the step."""
+    for k, v in lm_state.items():
+        if not v.is_floating_point():
+            continue
+        if not bool(torch.isfinite(v).all()):
+            return f"weight {k} holds NaN or infinite values"
+        top = float(v.abs().max()) if v.numel() else 0.0
+        if top > MAX_ABS_WEIGHT:
+            return f"weight {k} reaches |w| = {top:.3g}, above {MAX_ABS_WEIGHT:g} (the run is diverging)"
+    if loss is not None:
+        if not math.isfinite(loss):
+            return f"the training loss is {loss:g}"
+        if loss > 3 * math.log(card):
+            return f"the training loss ({loss:.3g}) is exploding (above 3 x ln({card}) = {3 * math.log(card):.3g})"
+    return None
+
+
+def save_checkpoint(out: Path, lm: MusicGenLM, base: str, step: int, cfg: TrainConfig, optimizer, scaler=None,
+                    loss: float | None = None):
     """Write step-N/ complete under a temporary name, rename it, switch `latest` to it, then delete
-    the checkpoint it replaces. The weights are checked first: a diverged model is never saved.
-    train_state.pt holds the optimizer, RNG and (fp16) loss-scaler states, tensors and numbers only."""
+    the checkpoint it replaces. Keep-last-good: the new weights (and the last step's loss, when given)
+    are checked first (checkpoint_problem); a ruined model is never saved and the last good checkpoint
+    is never deleted for it (Diverged says which one is kept). A failed write (a full disk) raises
+    SaveError and also keeps the last checkpoint. train_state.pt holds the optimizer, RNG and (fp16)
+    loss-scaler states, tensors and numbers only."""
     out = Path(out)
     lm_state = lm.state_dict()
-    bad = next((k for k, v in lm_state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
-    if bad is not None:
-        raise Diverged(f"step {step}: weight {bad} holds NaN or infinite values; not saved "
-                       f"(the last good checkpoint in {out} is kept)")
     previous = latest_checkpoint(out)
+    if previous is None:
+        kept = f"no checkpoint was saved in {out} yet"
+    else:
+        kept = f"the last good checkpoint{'' if previous == out else ' ' + previous.name} in {out} is kept"
+    problem = checkpoint_problem(lm_state, loss, lm.cfg.card)
+    if problem is not None:
+        raise Diverged(f"step {step}: {problem}; not saved: {kept} (try a lower --lr)")
     name = f"step-{step:08d}"
     if previous is not None and previous.name == name:
         return  # this very step is already saved (a Ctrl-C right after a scheduled save)
     state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "identity": cfg.identity()}
     if (scaled := scaler_state(scaler)) is not None:
         state["scaler"] = scaled
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
+    extra = {"step": step, "train": cfg.to_json()}
+    if loss is not None:
+        extra["train_loss"] = float(loss)
     try:
-        torch.save(state, tmp / STATE_FILE)
-        save_native(tmp, lm_state, lm.cfg, base, extra={"step": step, "train": cfg.to_json()})
-        for f in tmp.iterdir():
-            _fsync(f)
-        with_default_mode(tmp)
-        if (out / name).exists():  # a complete folder of a run killed before its pointer switch
-            shutil.rmtree(out / name)
-        os.rename(tmp, out / name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    write_atomic(out / LATEST, lambda p: p.write_text(name + "\n"))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
+        try:
+            torch.save(state, tmp / STATE_FILE)
+            save_native(tmp, lm_state, lm.cfg, base, extra=extra)
+            for f in tmp.iterdir():
+                _fsync(f)
+            with_default_mode(tmp)
+            if (out / name).exists():  # a complete folder of a run killed before its pointer switch
+                shutil.rmtree(out / name)
+            os.rename(tmp, out / name)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        write_atomic(out / LATEST, lambda p: p.write_text(name + "\n"))
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as a RuntimeError, safetensors as its own
+        text = (getattr(e, "strerror", None) or str(e) or type(e).__name__).splitlines()[0]
+        raise SaveError(f"cannot save the checkpoint of step {step} in {out} ({text}; is the disk full?); "
+                        f"{kept}") from None
     remove_stale(out)
+
+
+def check_out_not_data(out, data):
+    """--out must not be --data or a folder inside it: run files would sit among the songs (and a
+    folder inside --data would be read as a song)."""
+    o, d = Path(os.path.realpath(out)), Path(os.path.realpath(data))
+    if o == d or d in o.parents:
+        raise UsageError(f"--out {out} is {'--data itself' if o == d else 'inside --data ' + str(data)}: the run's files "
+                         "would be mixed with the songs; choose a folder outside the dataset")
+
+
+class RunLock:
+    """An exclusive lock on a run folder, held while one train.py uses it: a second run on the same
+    --out stops at once instead of deleting the first one's temporary step as stale. A flock on the
+    folder itself: no lock file to leave behind, and the kernel releases it when the process dies
+    (kill -9 included)."""
+
+    def __init__(self, out):
+        self.out = Path(out)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            raise UsageError(f"--out {out}: cannot create or open it ({e.strerror or type(e).__name__})") from None
+        import fcntl
+
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise UsageError(f"--out {out} is in use by another train.py; wait for it to finish or choose another "
+                             "--out") from None
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def lock_run(out) -> RunLock:
+    """Lock a run folder (made if missing) for this process; UsageError if another process holds it."""
+    return RunLock(out)
 
 
 def remove_stale(out: Path):
