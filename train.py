@@ -73,6 +73,7 @@ class Run:
     autocast: object = contextlib.nullcontext
     precision: str = "fp32"  # what the steps run in (CPU runs fp32 whatever --precision says)
     step: int = 0
+    loss: float | None = None  # the last step's, checked before a checkpoint is kept
 
     @property
     def master(self) -> bool:
@@ -96,12 +97,17 @@ def start_processes(cfg: T.TrainConfig) -> Run:
     return Run(cfg, Path(cfg.out), device, rank, world, cfg.batch_size // (world * cfg.grad_accum))
 
 
+def check_out(run: Run):
+    """--out is a folder (or not there yet), and not --data or inside it."""
+    if run.out.exists() and not run.out.is_dir():
+        raise T.UsageError(f"--out {run.out} is a file")
+    T.check_out_not_data(run.out, run.cfg.data)
+
+
 def open_run_folder(run: Run, resume: bool) -> dict | None:
     """Check --out against --resume (returns the saved training state to resume) and clear a killed
     save's temporaries."""
     cfg, out = run.cfg, run.out
-    if out.exists() and not out.is_dir():
-        raise T.UsageError(f"--out {out} is a file")
     state = None
     if resume:
         state = T.check_resumable(out, cfg)
@@ -245,18 +251,31 @@ def train_step(run: Run, windows, song_codes) -> tuple[float, int]:
 
 def save(run: Run):
     if run.master:
-        T.save_checkpoint(run.out, run.model.lm, run.base, run.step, run.cfg, run.optimizer, run.scaler)
+        T.save_checkpoint(run.out, run.model.lm, run.base, run.step, run.cfg, run.optimizer, run.scaler, loss=run.loss)
 
 
 def train(cfg: T.TrainConfig, resume: bool):
     cfg.check()
     run = start_processes(cfg)
-    state = open_run_folder(run, resume)
-    train_songs, val_songs = find_songs(cfg)
-    make_folders(run)
-    build_model(run, state)
-    windows, song_codes, eval_batches = load_data(run, train_songs, val_songs)
+    check_out(run)
+    # one train.py per run folder (rank 0 holds the lock): a second would take the first's temporary step for stale
+    with T.lock_run(run.out) if run.master else contextlib.nullcontext():
+        state = open_run_folder(run, resume)
+        train_songs, val_songs = find_songs(cfg)
+        make_folders(run)
+        build_model(run, state)
+        windows, song_codes, eval_batches = load_data(run, train_songs, val_songs)
+        loop(run, windows, song_codes, eval_batches)
+    if run.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if run.master:
+        print(f"done: step {run.step}, checkpoint in {run.out}", file=sys.stderr)
 
+
+def loop(run: Run, windows, song_codes, eval_batches):
+    """Steps until --max-steps: log, evaluate and save on their schedules; Ctrl-C saves, then exits 130."""
+    cfg = run.cfg
     bar = tqdm(total=cfg.max_steps, initial=run.step, desc="training", unit="step", disable=not run.master, dynamic_ncols=True)
     t0, frames = time.time(), 0
     stop = T.StopFlag()  # Ctrl-C lands between steps, never inside an optimizer update
@@ -264,13 +283,13 @@ def train(cfg: T.TrainConfig, resume: bool):
         while run.step < cfg.max_steps:
             if stop.requested:
                 raise KeyboardInterrupt
-            loss, step_frames = train_step(run, windows, song_codes)
+            run.loss, step_frames = train_step(run, windows, song_codes)
             frames += step_frames
             last = run.step == cfg.max_steps
             if run.master and (run.step % cfg.log_every == 0 or last):
                 fps = frames / (time.time() - t0)
-                bar.set_postfix(loss=f"{loss:.3f}", frames_s=f"{fps:.0f}")
-                T.log_metrics(run.out, {"step": run.step, "loss": loss, "lr": cfg.lr_at(run.step - 1), "target_frames_per_s": fps})
+                bar.set_postfix(loss=f"{run.loss:.3f}", frames_s=f"{fps:.0f}")
+                T.log_metrics(run.out, {"step": run.step, "loss": run.loss, "lr": cfg.lr_at(run.step - 1), "target_frames_per_s": fps})
                 t0, frames = time.time(), 0
             if run.master and eval_batches and (run.step % cfg.eval_every == 0 or last):
                 metrics = T.evaluate(run.model.lm, eval_batches, run.autocast, cfg.valid_steps_only)
@@ -279,24 +298,15 @@ def train(cfg: T.TrainConfig, resume: bool):
             if run.step % cfg.save_every == 0 or last:
                 save(run)
             bar.update(1)
-        stop.restore()
     except KeyboardInterrupt:
-        stop.restore()
         bar.close()
         save(run)
         if run.master:
             print(f"interrupted: checkpoint at step {run.step} in {run.out}; continue with --resume", file=sys.stderr)
         sys.exit(130)
-    except BaseException:  # e.g. T.Diverged: the error line goes below the bar, the Ctrl-C handler is restored
+    finally:  # e.g. T.Diverged: the error line goes below the bar, the Ctrl-C handler is restored
         stop.restore()
         bar.close()
-        raise
-    bar.close()
-    if run.world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    if run.master:
-        print(f"done: step {run.step}, checkpoint in {run.out}", file=sys.stderr)
 
 
 def main(argv=None):

@@ -539,6 +539,17 @@ def test_a_run_folder_is_locked_against_a_second_train_py(tmp_path):
     assert list(run.iterdir()) == []  # no lock file left behind
 
 
+def test_train_py_takes_the_lock_and_refuses_out_inside_data(tiny_hf, dataset, tmp_path, capsys):
+    """The same two rules through train.py itself: nothing is written into a locked or a dataset folder."""
+    run = tmp_path / "run"
+    with T.lock_run(run):
+        line = one_line_exit_2(train.main, train_args(tiny_hf, dataset, run), capsys)
+        assert "in use by another train.py" in line and list(run.iterdir()) == []
+    before = sorted(p.name for p in dataset.iterdir())
+    line = one_line_exit_2(train.main, train_args(tiny_hf, dataset, dataset / "runs"), capsys)
+    assert "inside --data" in line and sorted(p.name for p in dataset.iterdir()) == before
+
+
 def test_out_inside_data_is_refused(dataset, tmp_path):
     for out in (dataset, dataset / "runs" / "drums", dataset / "." ):
         with pytest.raises(T.UsageError, match="--out .* (is --data itself|inside --data)"):

@@ -229,8 +229,10 @@ def test_ddp_step_equals_single_process(setup, tmp_path, grad_accum):
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"2 process(es), {2 // grad_accum} x {grad_accum} per process" in r.stderr
     a, b = lm_weights(single), lm_weights(multi)
+    # a sync bug moves weights by the lr's order (1e-3); AdamW's first step is lr * g / (|g| + eps), so a
+    # weight whose gradient is near eps (1e-8) moves by a few 1e-6 on the two sums' rounding alone
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=2e-6, rtol=0), (k, (a[k] - b[k]).abs().max())
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), (k, (a[k] - b[k]).abs().max())
 
 
 STAGE_EFFECT_OPTIONS = [
@@ -326,7 +328,7 @@ def test_code_cache_cuts_the_same_windows_and_trains(setup, tmp_path):
 def test_loss_from_target_logits_only_equals_the_full_loss():
     """StageLoss makes logits for target steps only; the loss (and its gradient) is that of full logits."""
     from stage_min.model import LMConfig, MusicGenLM
-    from stage_min.stage import build_sequence
+    from stage_min.stage import build_sequence, first_target_logit
 
     torch.manual_seed(0)
     cfg = LMConfig(dim=64, n_layers=2, n_heads=2, card=32, n_special=2, text_dim=16, ffn_dim=128)
@@ -335,7 +337,7 @@ def test_loss_from_target_logits_only_equals_the_full_loss():
     seq = build_sequence(context, codes, 7, cfg.special_id, cfg.context_id, torch.tensor([9, 5, 2]),
                          torch.tensor([False, False, True]))
     states, mask = torch.randn(3, 5, 16), torch.ones(3, 5, dtype=torch.bool)
-    first = T.first_target_logit(seq.target)
+    first = first_target_logit(seq.target)
     assert first == 10  # the separator: the start step and 9 context steps come before it
     fast = T.StageLoss(lm)(seq.grid, seq.keep, seq.target, states, mask)
     (g_fast,) = torch.autograd.grad(fast, lm.layers[0].ffn_in.weight)
