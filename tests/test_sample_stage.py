@@ -170,3 +170,22 @@ def test_text_only_generation_with_a_stage_model_has_the_separator(stage_run, ti
     _, codes = plain.generate(["funky drums"], n, sampling, seed=0)
     grid, known, keep, out = seen[-1]
     assert grid.shape == (rows, K, n + K) and not (grid == X).any() and not (out == X).any() and keep is None
+
+
+def test_mix_out_is_level_matched(tmp_path):
+    """--mix-out is io.audio.mix of the click track and the stem (each part at one loudness, then a
+    limiter), not their raw sum in which a loud stem buried the clicks."""
+    from stage_min.io.audio import loudness_db, mix
+    from stage_min.io.metronome import metronome
+
+    if not (ROOT / "weights" / "stage-toy" / "model.safetensors").exists():
+        pytest.skip("needs the shipped toy model in weights/stage-toy")
+    stem_path, mix_path = tmp_path / "drums.wav", tmp_path / "mix.wav"
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--bpm", "120", "--duration", "2", "--seed", "0",
+                        "--out", str(stem_path), "--mix-out", str(mix_path)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    stem, written = sf.read(stem_path, dtype="float32")[0], sf.read(mix_path, dtype="float32")[0]
+    expected = mix(metronome(120, 2.0), {"stem": stem}, 32000)
+    assert len(written) == len(stem) and np.abs(written - expected).max() < 2e-4  # 16-bit files
+    click_part = mix(metronome(120, 2.0), {}, 32000)
+    assert abs(loudness_db(click_part, 32000) - loudness_db(expected - click_part, 32000)) < 6  # both heard

@@ -206,8 +206,8 @@ def test_cli_folder_skips_unreadable_files_and_writes_the_others(hearing, tmp_pa
     (songs_dir / "notes.txt").write_text("not audio, not an audio name")
     sample.main([str(a) for a in ["--context", songs_dir, "--model", hearing, "--out", out, "--window", 1,
                                   "--overlap", 0.5, "--cfg", 1, "--batch", 2]])
-    assert sorted(p.name for p in out.iterdir()) == ["a.wav", "b.wav"]
-    assert sf.info(str(out / "a.wav")).frames == int(1.3 * SR) and sf.info(str(out / "b.wav")).frames == int(0.6 * SR)
+    assert sorted(p.name for p in out.iterdir()) == ["a_stem.wav", "b_stem.wav"]  # never the song's own name
+    assert sf.info(str(out / "a_stem.wav")).frames == int(1.3 * SR) and sf.info(str(out / "b_stem.wav")).frames == int(0.6 * SR)
     assert "2 unreadable file(s) skipped" in capsys.readouterr().out
 
 
@@ -227,7 +227,7 @@ def test_cli_folder_skips_unreadable_files_and_writes_the_others(hearing, tmp_pa
     (["--stems", "drums", "--model", "drums={model}", "--mix-out", "{d}/song.wav"], "is the --context file"),
     (["--stems", "drums,bass", "--model", "drums={model}", "--model", "bass={model}", "--mix-out", "{d}/x_bass.wav"],
      "the same file"),
-    (["--context", "{d}", "--out", "{d}", "--model", "{model}"], "is the --context folder's song.wav file"),
+    (["--context", "{d}", "--out", "{d}", "--model", "{model}"], "is the --context folder"),
 ])
 def test_bad_song_options_one_line_exit_2_nothing_written(hearing, tmp_path, capsys, args, message):
     sf.write(tmp_path / "song.wav", tone(1.0), SR)

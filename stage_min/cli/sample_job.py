@@ -62,19 +62,21 @@ def stem_models(args) -> dict:
 
 
 # ---- output paths --------------------------------------------------------------------------------
-def output_paths(out, names: list, mix_out=None) -> tuple[dict, Path | None]:
+def output_paths(out, names: list, mix_out=None, name_stem: bool = False) -> tuple[dict, Path | None]:
     """({stem: path}, path of the mix or None). One stem goes to OUT itself (its mix to --mix-out, if
-    given); a stack writes OUT_NAME.wav per stem and the full mix to --mix-out or OUT_mix.wav."""
+    given); a stack writes OUT_NAME.wav per stem and the full mix to --mix-out or OUT_mix.wav.
+    name_stem (folder mode, OUT named after the song): one stem is OUT_stem.wav, never the song's own name."""
     out = Path(out)
-    if names == ["stem"]:
+    if names == ["stem"] and not name_stem:
         return {"stem": out}, mix_out and Path(mix_out)
     suffix = out.suffix or ".wav"
-    return {n: out.with_name(f"{out.stem}_{n}{suffix}") for n in names}, Path(mix_out or out.with_name(f"{out.stem}_mix{suffix}"))
+    stems = {n: out.with_name(f"{out.stem}_{n}{suffix}") for n in names}
+    return stems, None if names == ["stem"] else Path(mix_out or out.with_name(f"{out.stem}_mix{suffix}"))
 
 
-def labelled_outputs(names: list, out, mix_out=None) -> dict:
+def labelled_outputs(names: list, out, mix_out=None, name_stem: bool = False) -> dict:
     """{what it is (for messages): path} of every file one song writes (output_paths)."""
-    stems, mix = output_paths(out, names, mix_out)
+    stems, mix = output_paths(out, names, mix_out, name_stem)
     labelled = {("--out" if name == "stem" else f"the {name} stem"): path for name, path in stems.items()}
     if mix:
         labelled["--mix-out" if mix_out else "the mix"] = mix
@@ -88,8 +90,9 @@ def folder_files(folder) -> list:
 
 
 def folder_outputs(files: list, out) -> dict:
-    """{song file: its output path in the --out folder}; songs of the same name with different
-    extensions get distinct outputs (a.wav -> a_wav.wav, a.flac -> a_flac.wav)."""
+    """{song file: the name its outputs start from in the --out folder} (output_paths with name_stem:
+    a.wav -> a_stem.wav, or a_drums.wav, a_bass.wav, a_mix.wav); songs of the same name with different
+    extensions get distinct outputs (a.wav -> a_wav_stem.wav, a.flac -> a_flac_stem.wav)."""
     names = [f.stem for f in files]
     return {f: Path(out) / (f"{f.stem}.wav" if names.count(f.stem) == 1 else f"{f.stem}_{f.suffix[1:]}.wav") for f in files}
 
@@ -199,6 +202,9 @@ def check_folder_outputs(args):
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {args.out}: with a --context folder, --out is a folder")
+    if out.is_dir() and os.path.samefile(out, args.context):
+        raise ValueError(f"--out {args.out} is the --context folder: the stems would be taken for songs next time; "
+                         "choose another folder")
     folder = out if out.is_dir() else out.parent  # --out, or where it is made
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         raise ValueError(f"--out {args.out}: {folder} does not exist or is not writable")
@@ -208,7 +214,7 @@ def check_folder_outputs(args):
     if out.is_dir():  # outputs may already be there
         inputs = file_ids({f"--context folder's {f.name}": f for f in files})
         for path in folder_outputs(files, out).values():
-            check_outputs(labelled_outputs(list(args.stem_models), path), inputs, args.overwrite)
+            check_outputs(labelled_outputs(list(args.stem_models), path, name_stem=True), inputs, args.overwrite)
 
 
 def caption(args):
@@ -380,12 +386,16 @@ def song_options(args) -> dict:
 def accompany(models: dict, songs: list, args, continuations=None) -> list:
     """Per song ({stem: audio}, mix): one stem, or a stack of them (songs.py)."""
     from stage_min import songs as whole
+    from stage_min.io.audio import mix
 
     prompts = [args.prompt] * len(songs)
     if list(models) != ["stem"]:
-        return [(stems, mix.numpy()) for stems, mix in whole.stack_songs(models, songs, prompts, **song_options(args))]
-    out = whole.accompany_songs(models["stem"], songs, prompts, continuations=continuations, **song_options(args))
-    return [({"stem": audio.numpy()}, song + audio.numpy()) for song, (audio, _) in zip(songs, out)]
+        stacks = whole.stack_songs(models, songs, prompts, **song_options(args))
+        stems = [{name: audio.numpy() for name, audio in stack.items()} for stack, _ in stacks]
+    else:
+        out = whole.accompany_songs(models["stem"], songs, prompts, continuations=continuations, **song_options(args))
+        stems = [{"stem": audio.numpy()} for audio, _ in out]
+    return [(parts, mix(song, parts, SAMPLE_RATE)) for song, parts in zip(songs, stems)]  # level-matched (io/audio.py)
 
 
 def run_song(args, context, interrupted):
@@ -434,7 +444,7 @@ def run_folder(args, interrupted):
                 skipped += 1
                 print(f"warning: skipping {e}", file=sys.stderr)
         for f, (stems, mix) in zip(batch, accompany(models, songs, args) if songs else []):
-            paths, mix_path = output_paths(outputs[f], list(models))
+            paths, mix_path = output_paths(outputs[f], list(models), name_stem=True)
             write_outputs(paths, stems, mix_path, mix, interrupted)
             done += 1
     print(f"{done} song(s) accompanied into {out}; {skipped} unreadable file(s) skipped")
@@ -454,10 +464,9 @@ def run_window(args, context, total_frames, interrupted):
                                    sampling, seed=args.seed, progress=True, compile=args.compile,
                                    whole_context=args.whole_context)
     stem = audio[0, 0].float().cpu().numpy()
-    mix = None
-    if args.mix_out:
-        mix = stem.copy()
-        mix[: min(len(stem), len(context))] += context[: len(stem)]
+    from stage_min.io.audio import mix as level_matched
+
+    mix = level_matched(context, {"stem": stem}, model.sample_rate) if args.mix_out else None
     write_outputs({"stem": Path(args.out)}, {"stem": stem}, args.mix_out, mix, interrupted, model.sample_rate)
 
 
