@@ -454,8 +454,8 @@ def run_window(args, context, total_frames, interrupted):
     """One window: text alone, or a --duration stem next to the context's start."""
     import torch
 
+    model = load_models(args, stage=context is not None)["stem"]  # first: a bad model is the one line said
     n_frames, context_frames = plan_frames(args, context, total_frames)
-    model = load_models(args, stage=context is not None)["stem"]
     sampling = model.sampling
     if context is None:
         audio, _ = model.generate([args.prompt], n_frames, sampling, seed=args.seed, progress=True, compile=args.compile)

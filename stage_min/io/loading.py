@@ -4,12 +4,13 @@ Every load is strict: a missing key, an unexpected key or a wrong shape raises `
 naming it. Nothing is ever loaded partially.
 """
 import json
+import math
 import os
 import re
 import stat
 import tempfile
 import warnings
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -294,6 +295,27 @@ def lm_parameters(cfg: LMConfig) -> float:
     return cfg.n_layers * per_layer + cfg.n_codebooks * (2 * cfg.card + cfg.n_special) * d + cfg.text_dim * d
 
 
+def lm_config(values: dict, where: str = "config.json") -> LMConfig:
+    """LMConfig from a config file's values, each checked first (a file can hold anything: say which
+    setting is wrong, in one line), then its size (check_lm_size)."""
+    for f in fields(LMConfig):
+        if f.name not in values:
+            continue
+        value = values[f.name]
+        if f.type in (bool, "bool"):
+            ok = isinstance(value, bool)
+        elif f.type in (float, "float"):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        else:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= (0 if f.name == "ffn_dim" else 1)
+        if not ok:
+            raise LoadError(f"{where}: LM setting {f.name}={value!r} describes no valid model")
+    try:
+        return check_lm_size(LMConfig(**values), where)
+    except (TypeError, ValueError) as e:  # an unknown setting, or dim not divisible by n_heads
+        raise LoadError(f"{where}: the LM settings do not fit this version: {e}") from None
+
+
 def check_lm_size(cfg: LMConfig, where: str = "config.json") -> LMConfig:
     """LoadError (one line) for an LM too big to be a MusicGen, before anything is built."""
     for name, limit in LM_LIMITS.items():
@@ -330,16 +352,11 @@ def lm_config_from_hf(config: dict, state: dict | None = None) -> LMConfig:
         raise LoadError(f"config.json's 'decoder' section: missing '{missing[0]}'")
     text = config.get("text_encoder", {})
     rows = state["decoder.model.decoder.embed_tokens.0.weight"].shape[0] if state and "decoder.model.decoder.embed_tokens.0.weight" in state else None
-    try:
-        special = max(1, rows - dec["vocab_size"]) if rows is not None else 1
-        cfg = LMConfig(
-            dim=dec["hidden_size"], n_layers=dec["num_hidden_layers"], n_heads=dec["num_attention_heads"],
-            n_codebooks=dec["num_codebooks"], card=dec["vocab_size"], ffn_dim=dec["ffn_dim"],
-            text_dim=text.get("d_model", 768) if isinstance(text, dict) else 768, n_special=special,
-        )
-    except (TypeError, ValueError) as e:
-        raise LoadError(f"config.json's 'decoder' section: {e}") from None
-    return check_lm_size(cfg)
+    card = dec["vocab_size"]
+    special = max(1, rows - card) if rows is not None and isinstance(card, int) else 1
+    return lm_config(dict(dim=dec["hidden_size"], n_layers=dec["num_hidden_layers"], n_heads=dec["num_attention_heads"],
+                          n_codebooks=dec["num_codebooks"], card=card, ffn_dim=dec["ffn_dim"], n_special=special,
+                          text_dim=text.get("d_model", 768) if isinstance(text, dict) else 768), "config.json's 'decoder' section")
 
 
 def add_context_token(lm_state: dict, cfg: LMConfig) -> tuple[dict, LMConfig]:
@@ -387,11 +404,7 @@ def lm_config_from_native(config: dict) -> LMConfig:
     values = config.get("lm")
     if not isinstance(values, dict):
         raise LoadError("native config.json has no 'lm' section")
-    try:
-        cfg = LMConfig(**values)
-    except (TypeError, ValueError) as e:
-        raise LoadError(f"native config.json 'lm' section does not fit this version: {e}") from None
-    return check_lm_size(cfg)
+    return lm_config(values, "native config.json's 'lm' section")
 
 
 MAX_ABS_WEIGHT = 1e4  # no trained MusicGen weight comes near; a diverging run's do (1e30 at --lr 1e30)
