@@ -47,7 +47,9 @@ def parse_args(argv=None):
     t = sub.add_parser("tempo", help="stems from click tracks, scored against the clicks")
     add_model_options(t)
     t.add_argument("--bpm", default="100,110,120,130,140,150,160,170", help="comma-separated tempos")
-    t.add_argument("--seeds", type=int, default=3, help="stems per tempo (seeds 0..N-1)")
+    t.add_argument("--seeds", type=int, default=3, help="stems per tempo (seeds FIRST..FIRST+N-1)")
+    t.add_argument("--first-seed", type=int, default=0, help="FIRST: start the seeds here, e.g. a sealed range no "
+                   "checkpoint, temperature or recipe was chosen on")
     t.add_argument("--seconds", type=float, default=10.0, help="length of each stem")
     t.add_argument("--prompt", default="", help="text prompt for every stem (default: empty)")
     a = sub.add_parser("accompany", help="stems for held-out songs of a dataset, scored against the songs")
@@ -162,10 +164,13 @@ def run_tempo(args):
     bpms = parse_bpms(args.bpm)
     if args.seeds < 1:
         raise EvalError(f"--seeds must be >= 1, got {args.seeds}")
+    if not 0 <= args.first_seed <= 2**63 - 1 - args.seeds:
+        raise EvalError(f"--first-seed must be in [0, 2^63 - 1 - --seeds], got {args.first_seed}")
     check_common(args)
     model = load_model(args)
     sampling = model.sampling_with(**sampling_given(args))
-    results = E.tempo_experiment(model, bpms, args.seeds, args.seconds, args.prompt, args.out, sampling,
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    results = E.tempo_experiment(model, bpms, seeds, args.seconds, args.prompt, args.out, sampling,
                                  args.tracker, args.batch_size)
     finish({"model": args.model, "sampling": asdict(sampling), **results}, args.out,
            f"beat F-measure {results['mean']:.3f} with the click track, {results['mean_nocontext']:.3f} without")

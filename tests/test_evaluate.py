@@ -90,12 +90,12 @@ def read_outputs(out: Path) -> tuple[dict, list]:
 def test_tempo_end_to_end(stage_run, tmp_path, capsys):
     out = tmp_path / "tempo"
     evaluate.main(["tempo", "--model", str(stage_run), "--bpm", "100,140", "--seeds", "2", "--seconds", "1.5",
-                   "--out", str(out), "--prompt", "rock drums", "--batch-size", "1"])
+                   "--out", str(out), "--prompt", "rock drums", "--batch-size", "1", "--first-seed", "40"])
     assert "with the click track" in capsys.readouterr().out
     results, table = read_outputs(out)
-    assert results["model"] == str(stage_run) and results["bpms"] == [100, 140] and results["seeds"] == [0, 1]
+    assert results["model"] == str(stage_run) and results["bpms"] == [100, 140] and results["seeds"] == [40, 41]
     rows = results["rows"]
-    assert sorted((r["bpm"], r["seed"]) for r in rows) == [(100, 0), (100, 1), (140, 0), (140, 1)]
+    assert sorted((r["bpm"], r["seed"]) for r in rows) == [(100, 40), (100, 41), (140, 40), (140, 41)]
     for r in rows:
         for key in ("f_measure", "f_measure_nocontext"):
             assert 0 <= r[key] <= 1
@@ -155,6 +155,7 @@ def bad_cases(d, model, data):
         (["beats", f"{d}/click.wav", "--bpm", "120", "--tracker", "madmom"], "invalid choice"),
         (["tempo", "--model", f"{d}/no_model", "--out", f"{d}/out", "--seconds", "1", "--bpm", "120"], "not found"),
         (tempo + ["--bpm", "100,abc"], "'abc' is not a number"),
+        (tempo + ["--bpm", "100", "--first-seed", "-1"], "--first-seed must be in"),
         (tempo + ["--bpm", "100,0"], "every tempo must be > 0"),
         (tempo + ["--bpm", "-90"], "every tempo must be > 0"),
         (tempo + ["--bpm", "100,nan"], "every tempo must be > 0"),
