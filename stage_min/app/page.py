@@ -22,6 +22,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..train.captions import stage_caption  # noqa: E402
 from ..io.audio import AudioError, load_audio, mix, save_audio  # noqa: E402
 from ..io.loading import LoadError  # noqa: E402
 
@@ -48,13 +49,13 @@ class PageError(gr.Error):
 
 
 def build_prompt(genres: str, moods: str, text: str) -> str:
-    """The official STAGE models' caption form, `Genres: a, b. Moods: x. `, then any free text."""
-    parts = []
-    for label, value in (("Genres", genres), ("Moods", moods)):
-        items = [item.strip() for item in (value or "").replace(";", ",").split(",") if item.strip()]
-        if items:
-            parts.append(f"{label}: {', '.join(items)}. ")
-    return "".join(parts) + (text or "").strip()
+    """The official STAGE models' caption form (captions.stage_caption: `Genres: a, b. Mood: x. `), then
+    any free text. A box with no item adds no part; `;` separates items as `,` does."""
+    def items(value):
+        value = (value or "").replace(";", ",")
+        return value if value.replace(",", "").strip() else None
+
+    return stage_caption(items(genres), items(moods)) + (text or "").strip()
 
 
 @dataclass
