@@ -25,6 +25,7 @@ from stage_min.io.audio import AudioError
 from stage_min.train.beats import check_tracker
 from stage_min.cli.options import OneLineParser, warnings_via_tqdm
 from stage_min.io.loading import LoadError
+from stage_min.train.memory import plan_text
 from stage_min.train.options import add_options, given_options
 
 
@@ -144,9 +145,10 @@ def build_model(run: Run, state: dict | None):
     """The model (new from --preset/--base, or the run's own on --resume), its optimizer, the loss
     (under DDP across processes) and mixed precision: fp16 autocast + a gradient scaler, or bf16, on CUDA only."""
     cfg = run.cfg
-    model, run.base = T.load_for_resume(run.out) if state else T.build_model(cfg)  # resume: the run's base, not --base
+    model, run.base = T.load_for_resume(run.out, cfg) if state else T.build_model(cfg)  # resume: the run's base, not --base
     run.model = model.to(run.device)
     T.freeze_for_training(run.model)
+    run.model.lm.checkpoint_blocks = cfg.checkpoint_activations
     run.optimizer = T.make_optimizer(run.model.lm, cfg, fused=run.device.type == "cuda")
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.precision) if run.device.type == "cuda" else None
     run.autocast = (lambda: torch.autocast("cuda", dtype=half)) if half is not None else contextlib.nullcontext
@@ -199,8 +201,9 @@ def load_data(run: Run, train_songs: list, val_songs: list):
             chunk = ex[i:i + run.micro_bs]
             eval_batches.append(T.make_batch(run.model, chunk, [False] * len(chunk), [False] * len(chunk), run.device))
         n_params = sum(p.numel() for p in run.model.lm.parameters())
+        n_trained = sum(p.numel() for p in run.model.lm.parameters() if p.requires_grad)
         print(f"{len(windows.songs)} training songs, {len(val_data)} held out; {stats.summary()}; "
-              f"LM {n_params / 1e6:.1f}M parameters; {run.world} process(es), {run.micro_bs} x {cfg.grad_accum} per process; "
+              f"LM {n_params / 1e6:.1f}M parameters ({n_trained / 1e6:.2f}M trained); {run.world} process(es), {run.micro_bs} x {cfg.grad_accum} per process; "
               f"{run.precision}", file=sys.stderr)
     return windows, song_codes, eval_batches
 
@@ -249,6 +252,8 @@ def save(run: Run):
 
 def train(cfg: T.TrainConfig, resume: bool):
     cfg.check()
+    if cfg.plan:  # --plan: the memory this run would need, without training
+        return print(plan_text(cfg))
     run = start_processes(cfg)
     state = open_run_folder(run, resume)
     train_songs, val_songs = find_songs(cfg)

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from . import lora
 from .options import PROBABILITY, SEED, Rule, above, at_least, check_options, one_of, option, within
 from .data import DataConfig, Example, context_frames, load_stem
-from ..io.loading import (LATEST, LoadError, follow_latest, is_native, read_config, safe_torch_load, save_native, with_default_mode, write_atomic)
+from ..io.loading import (LATEST, LoadError, follow_latest, is_native, lm_config_from_native, read_config, read_state_dict, safe_torch_load, save_native, with_default_mode, write_atomic)
 from ..io.metronome import click_track
 from ..model import LMConfig, MusicGenLM
 from ..songs import encode_contexts
@@ -38,6 +39,12 @@ class Diverged(Exception):
 
 
 CLIP_MODES, PRECISIONS, SEPARATOR_INITS = ("value", "norm"), ("fp16", "bf16", "fp32"), ("kaiming", "mean")
+PRESETS = ("tiny", "small", "medium", "large")
+TARGET_LIST = Rule(lambda v: bool(names(v)) and set(names(v)) <= set(lora.TARGETS), f"must be a comma list of {', '.join(lora.TARGETS)}")
+
+
+def names(text: str) -> tuple:
+    return tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
 DEVICE = Rule(lambda v: re.fullmatch(r"(cpu|cuda(:\d+)?)?", v) is not None, "must be cpu, cuda or cuda:N")
 
 
@@ -47,8 +54,10 @@ class TrainConfig:
     says why one would change it, its rule what a value must be (options.py builds the parser from them)."""
     data: str = ""  # train.py --data, --out and --target are required, so they are written in its parser
     out: str = ""
-    preset: str = option("small", "tiny (random, CPU-sized) or small (pretrained base LM)", one_of("tiny", "small"))
-    base: str = option("facebook/musicgen-small", "model folder or hub id for T5, EnCodec (and the LM for small)")
+    preset: str = option("small", "tiny (random, CPU-sized) or small, medium, large (the pretrained base's LM: "
+                         "facebook/musicgen-small, -medium, -large by default)", one_of(*PRESETS), choices=PRESETS)
+    base: str = option("", "model folder or hub id for T5, EnCodec (and the LM of small/medium/large); "
+                       "default: facebook/musicgen-PRESET (tiny: facebook/musicgen-small)")
     max_steps: int = option(10000, "optimizer steps (the original: up to 100k, 24 h cap)", at_least(1))
     batch_size: int = option(8, "global batch per optimizer step, split over processes (the original: 2 x 4 accumulation)", at_least(1))
     grad_accum: int = option(1, "micro-batches per step, to fit the batch in memory", at_least(1))
@@ -94,6 +103,17 @@ class TrainConfig:
     dim: int = option(0, "tiny preset: model width (0 = preset)", at_least(0))
     layers: int = option(0, "tiny preset: layers (0 = preset)", at_least(0))
     heads: int = option(0, "tiny preset: heads (0 = preset)", at_least(0))
+    lora_rank: int = option(0, "train LoRA adapters of this rank (and the context-token rows) instead of the whole LM; "
+                            "the run folder then stores the adapters only (0: full fine-tuning)", at_least(0))
+    lora_alpha: float = option(0.0, "LoRA scale alpha / rank (0: 2 x rank; the original's code sets no default)", at_least(0))
+    lora_dropout: float = option(0.0, "dropout on the adapters' input (loralib's default)", within(0, 1, closed=False))
+    lora_targets: str = option("q,k,v,out", "comma list of q, k, v, out (every self- and cross-attention's; the "
+                               "original's choice) and ffn (both feed-forward layers)", TARGET_LIST)
+    checkpoint_activations: bool = option(False, "recompute each block's activations in the backward (torch.utils."
+                                          "checkpoint): activation memory of about one block instead of all, ~30%% slower steps")
+    plan: bool = option(False, "print the memory plan of these options (parameters, gradients, optimizer states, "
+                        "activations; the largest batch that fits --gpu-memory) and exit without training")
+    gpu_memory: float = option(24.0, "--plan: GiB of GPU memory to fit", above(0))
     data_cfg: DataConfig = field(default_factory=DataConfig)
 
     def check(self):
@@ -108,8 +128,10 @@ class TrainConfig:
             raise UsageError(f"--cooldown-steps must be in [0, --max-steps = {self.max_steps}], got {self.cooldown_steps}")
         if self.cooldown_steps and not self.cooldown_lr > 0:
             raise UsageError(f"--cooldown-steps needs --cooldown-lr > 0, got {self.cooldown_lr:g}")
-        if self.preset == "small" and (self.dim or self.layers or self.heads):
-            raise UsageError("--dim/--layers/--heads only apply to --preset tiny (small keeps the base's shape)")
+        if self.preset != "tiny" and (self.dim or self.layers or self.heads):
+            raise UsageError(f"--dim/--layers/--heads only apply to --preset tiny ({self.preset} keeps the base's shape)")
+        if self.lora_rank and self.preset == "tiny":
+            raise UsageError("--lora-rank adapts a pretrained LM: use --preset small, medium or large (tiny starts from random weights)")
         d = self.data_cfg
         if self.align_init and (self.preset != "tiny" or d.context_min != d.context_max
                                 or (d.p_full_context > 0 and d.context_max != d.target_seconds)):
@@ -127,8 +149,20 @@ class TrainConfig:
     def identity(self) -> dict:
         """What a resumed run must share with the checkpoint it continues."""
         # seed and val_fraction decide which songs are held out: changing them would leak eval songs into training
-        return {"preset": self.preset, "target": self.data_cfg.target, "dim": self.dim, "layers": self.layers,
+        same = {"preset": self.preset, "target": self.data_cfg.target, "dim": self.dim, "layers": self.layers,
                 "heads": self.heads, "seed": self.seed, "val_fraction": self.data_cfg.val_fraction}
+        if self.lora_rank:  # only then: runs saved before LoRA existed still resume
+            same.update(lora_rank=self.lora_rank, lora_alpha=self.lora_spec().alpha, lora_targets=list(self.lora_spec().targets))
+        return same
+
+    def base_name(self) -> str:
+        """--base, or the preset's MusicGen on the hub."""
+        return self.base or f"facebook/musicgen-{'small' if self.preset == 'tiny' else self.preset}"
+
+    def lora_spec(self) -> "lora.LoraSpec | None":
+        if not self.lora_rank:
+            return None
+        return lora.LoraSpec(self.lora_rank, self.lora_alpha or 2.0 * self.lora_rank, self.lora_dropout, names(self.lora_targets))
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -193,8 +227,9 @@ def build_model(cfg: TrainConfig):
     from ..io.pretrained import from_pretrained
 
     torch.manual_seed(cfg.seed)
-    base = str(Path(cfg.base).resolve()) if Path(cfg.base).expanduser().is_dir() else cfg.base
-    if cfg.preset == "small":  # the base's LM weights, with the context token appended
+    base = cfg.base_name()
+    base = str(Path(base).resolve()) if Path(base).expanduser().is_dir() else base
+    if cfg.preset != "tiny":  # the base's LM weights, with the context token appended
         model = from_pretrained(base, stage=True)
         lm_cfg, state = model.lm.cfg, model.lm.state_dict()
     else:
@@ -224,7 +259,7 @@ def build_model(cfg: TrainConfig):
         state[f"embed.{k}.weight"] = table
     lm = MusicGenLM(lm_cfg)
     lm.load_state_dict(state)
-    model.lm = lm
+    model.lm = lora.add_adapters(lm, cfg.lora_spec()) if cfg.lora_rank else lm
     return model.eval(), base
 
 
@@ -472,7 +507,7 @@ def save_checkpoint(out: Path, lm: MusicGenLM, base: str, step: int, cfg: TrainC
     the checkpoint it replaces. The weights are checked first: a diverged model is never saved.
     train_state.pt holds the optimizer, RNG and (fp16) loss-scaler states, tensors and numbers only."""
     out = Path(out)
-    lm_state = lm.state_dict()
+    lm_state = lora.adapter_state(lm) if cfg.lora_rank else lm.state_dict()  # LoRA: a few MB, not the whole LM
     bad = next((k for k, v in lm_state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
     if bad is not None:
         raise Diverged(f"step {step}: weight {bad} holds NaN or infinite values; not saved "
@@ -487,7 +522,8 @@ def save_checkpoint(out: Path, lm: MusicGenLM, base: str, step: int, cfg: TrainC
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
     try:
         torch.save(state, tmp / STATE_FILE)
-        save_native(tmp, lm_state, lm.cfg, base, extra={"step": step, "train": cfg.to_json()})
+        spec = {"lora": {k: v for k, v in vars(cfg.lora_spec()).items()}} if cfg.lora_rank else {}
+        save_native(tmp, lm_state, lm.cfg, base, extra={"step": step, "train": cfg.to_json(), **spec})
         for f in tmp.iterdir():
             _fsync(f)
         with_default_mode(tmp)
@@ -540,17 +576,32 @@ def check_resumable(out: Path, cfg: TrainConfig) -> dict:
     if state.get("step") != config["step"]:
         raise UsageError(f"--resume: {ckpt} is inconsistent (model at step {config['step']}, optimizer at step "
                          f"{state.get('step')}); an interrupted save? resume from a copy of an earlier checkpoint")
+    if ("lora" in config) != bool(cfg.lora_rank):
+        raise UsageError(f"--resume: the run in {out} trained " + ("LoRA adapters: pass its --lora-rank" if "lora" in config
+                                                                    else "the whole LM: leave --lora-rank out"))
     for k, v in cfg.identity().items():
         if state["identity"].get(k) != v:
             raise UsageError(f"--resume: the checkpoint in {out} was trained with {k}={state['identity'].get(k)!r}, not {v!r}")
     return state
 
 
-def load_for_resume(out: Path):
-    """The pipeline from a run folder's latest checkpoint (T5 and EnCodec from the base it records) and that base."""
+def load_for_resume(out: Path, cfg: TrainConfig | None = None):
+    """The pipeline from a run folder's latest checkpoint (T5 and EnCodec from the base it records) and that base.
+    A LoRA run: the base's LM with new adapters, then the run's adapters and context rows loaded into them."""
     from ..io.pretrained import from_pretrained
 
-    return from_pretrained(str(out)), read_config(latest_checkpoint(out)).get("base")
+    ckpt = latest_checkpoint(out)
+    config = read_config(ckpt)
+    if "lora" not in config:
+        return from_pretrained(str(out)), config.get("base")
+    lm_cfg = lm_config_from_native(config)
+    model, base = build_model(replace(cfg, base=config["base"], zero_special_row=lm_cfg.zero_special_row,
+                                      attend_start_step=lm_cfg.attend_start_step))
+    adapters = {k[len("lm."):]: v for k, v in read_state_dict(ckpt).items()}
+    missing, unexpected = model.lm.load_state_dict(adapters, strict=False)
+    if unexpected or set(adapters) != set(lora.adapter_state(model.lm)):
+        raise UsageError(f"--resume: the adapters in {ckpt} do not fit these LoRA options")
+    return model, base
 
 
 def log_metrics(out: Path, record: dict):

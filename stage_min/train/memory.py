@@ -1,0 +1,2 @@
+def plan_text(cfg):
+    raise NotImplementedError
