@@ -164,3 +164,32 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in lm.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_plan_prints_the_memory_and_trains_nothing(setup, tmp_path, capsys):
+    run = tmp_path / "planned"
+    train.main(args(setup, run, "--plan", "--preset", "medium", "--lora-rank", "16", "--checkpoint-activations",
+                    "--gpu-memory", "24", "--batch-size", "8", "--target-seconds", "10", "--context-max", "10"))
+    text = capsys.readouterr().out
+    assert "--preset medium" in text and "LoRA rank 16" in text and "largest micro-batch that fits 24 GiB" in text
+    for part in ("parameters", "gradients", "optimizer states", "activations", "peak"):
+        assert part in text
+    assert not run.exists()  # nothing written, no model loaded
+
+
+TINY = dict(dim=256, n_layers=4, n_heads=4, n_special=2)
+
+
+@pytest.mark.parametrize("batch,frames,lora_rank,checkpoint", [(8, 100, 0, False), (8, 100, 0, True), (8, 100, 8, False),
+                                                               (2, 250, 8, True)])
+def test_plan_matches_the_measured_cpu_peak(batch, frames, lora_rank, checkpoint):
+    """--plan's estimate of a step's peak against the measured peak of real CPU steps (tiny shapes here;
+    small shapes in docs/training.md): within 15 %."""
+    from stage_min.model import LMConfig
+    from stage_min.train import memory
+
+    spec = lora.LoraSpec(lora_rank, 2.0 * lora_rank) if lora_rank else None
+    s = memory.Shape(LMConfig(**TINY), batch, frames, frames, spec, checkpoint)
+    estimated, measured = memory.estimate(s)["peak_lm"], memory.measure_peak(s)
+    print(f"\nestimated {estimated / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB")
+    assert abs(estimated / measured - 1) < 0.15
