@@ -193,3 +193,34 @@ def test_plan_matches_the_measured_cpu_peak(batch, frames, lora_rank, checkpoint
     estimated, measured = memory.estimate(s)["peak_lm"], memory.measure_peak(s)
     print(f"\nestimated {estimated / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB")
     assert abs(estimated / measured - 1) < 0.15
+
+
+def torchrun(*argv, n=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"] if n > 1 else [sys.executable]
+    return subprocess.run([*launch, str(ROOT / "train.py"), *argv], capture_output=True, text=True, cwd=ROOT, env=env)
+
+
+@pytest.mark.parametrize("extra", [[], LORA + ["--checkpoint-activations", "--clip-mode", "norm"]])
+def test_fsdp_on_two_cpu_processes_equals_one_process_and_resumes(setup, tmp_path, extra):
+    """FSDP2 (gloo, 2 CPU processes): 2 steps, resumed to 3, equal one process's 3 steps; the run folder
+    holds the whole model (sample.py and convert read it as any run) and one optimizer shard per rank."""
+    common = ["--p-text-drop", "0.5", "--p-context-drop", "0.5", "--grad-accum", "2", "--no-augment", "--code-cache", *extra]
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    r = torchrun(*args(setup, single, *common, steps=3), n=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun(*args(setup, sharded, *common, "--fsdp", steps=2))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 process(es) (FSDP)" in r.stderr
+    assert {p.name for p in latest(sharded).iterdir()} == {"config.json", "model.safetensors", T.STATE_FILE, "train_state.1.pt"}
+    r = torchrun(*args(setup, sharded, *common, "--fsdp", "--resume", steps=3))
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_file(str(latest(single) / "model.safetensors")), load_file(str(latest(sharded) / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), (k, (a[k] - b[k]).abs().max())
+    r = torchrun(*args(setup, sharded, *common, "--resume", steps=4), n=1)  # a sharded run resumes sharded only
+    assert r.returncode == 2 and "resume it with --fsdp and 2 processes" in r.stderr and "Traceback" not in r.stderr
+    dst = tmp_path / "exported"
+    r = subprocess.run([sys.executable, "-m", "stage_min.io.convert", str(sharded), str(dst)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr

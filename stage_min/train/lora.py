@@ -53,15 +53,26 @@ class LoRALinear(nn.Linear):
         self.lora_b = nn.ParameterDict({str(s): nn.Parameter(torch.zeros(e - s, spec.rank, **like)) for s, e in slices})
         for a in self.lora_a.values():
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # loralib's and peft's init of A
+        self.firsts = sorted(s for s, _ in slices)  # the slices top to bottom (a ParameterDict's order is its own)
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
-        h = self.drop(x)
-        for first, a in self.lora_a.items():
-            b = self.lora_b[first]
-            s = int(first)
-            y[..., s:s + b.shape[0]] += F.linear(F.linear(h, a), b) * self.scale
-        return y
+        h = self.drop(x) if self.drop.p else x
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(h, self._a()), self._b()) * self.scale
+
+    def _a(self) -> torch.Tensor:
+        return torch.cat([self.lora_a[str(s)] for s in self.firsts])  # (n r, in): every slice's A, one matmul
+
+    def _b(self) -> torch.Tensor:
+        """(out, n r): slice s's B in its rows and its own r columns, zeros elsewhere (small: r columns per slice)."""
+        n, blocks, row = len(self.firsts), [], 0
+        for i, s in enumerate(self.firsts):
+            b = self.lora_b[str(s)]
+            r = b.shape[1]
+            blocks += [b.new_zeros(s - row, n * r)] if s > row else []
+            blocks.append(F.pad(b, (i * r, (n - 1 - i) * r)))
+            row = s + b.shape[0]
+        blocks += [blocks[-1].new_zeros(self.out_features - row, blocks[-1].shape[1])] if row < self.out_features else []
+        return torch.cat(blocks)
 
 
 class ContextRowEmbedding(nn.Embedding):
@@ -102,7 +113,8 @@ def add_adapters(lm: MusicGenLM, spec: LoraSpec) -> MusicGenLM:
             if slices:
                 setattr(owner, leaf, LoRALinear(linear, slices, spec))
     for k, emb in enumerate(lm.embed):
-        lm.embed[k] = ContextRowEmbedding(emb, lm.cfg.context_id)
+        if lm.cfg.n_special >= 2:  # a STAGE LM (a plain MusicGen has no context token)
+            lm.embed[k] = ContextRowEmbedding(emb, lm.cfg.context_id)
     return lm
 
 

@@ -111,6 +111,8 @@ class TrainConfig:
                                "original's choice) and ffn (both feed-forward layers)", TARGET_LIST)
     checkpoint_activations: bool = option(False, "recompute each block's activations in the backward (torch.utils."
                                           "checkpoint): activation memory of about one block instead of all, ~30%% slower steps")
+    fsdp: bool = option(False, "under torchrun: shard the LM's parameters, gradients and optimizer states over the "
+                        "processes (FSDP2) instead of DDP's whole replica per process; resume with as many processes")
     plan: bool = option(False, "print the memory plan of these options (parameters, gradients, optimizer states, "
                         "activations; the largest batch that fits --gpu-memory) and exit without training")
     gpu_memory: float = option(24.0, "--plan: GiB of GPU memory to fit", above(0))
@@ -319,11 +321,14 @@ def make_optimizer(lm: MusicGenLM, cfg: TrainConfig, fused: bool = False) -> tor
 def clip_gradients(lm: MusicGenLM, cfg: TrainConfig) -> torch.Tensor:
     """Clip per value (the original's) or by the global norm; returns the global norm before
     clipping, whose finiteness tells a diverged (or, with fp16, overflowed) step."""
-    if cfg.clip_mode == "norm":
-        return torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.clip)
     grads = [p.grad for p in lm.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-    torch.nn.utils.clip_grad_value_(lm.parameters(), cfg.clip)
+    if hasattr(norm, "full_tensor"):  # --fsdp: a DTensor of partial norms, summed over the shards
+        norm = norm.full_tensor()
+    if cfg.clip_mode == "norm":
+        torch.nn.utils.clip_grads_with_norm_(lm.parameters(), cfg.clip, norm)
+    else:
+        torch.nn.utils.clip_grad_value_(lm.parameters(), cfg.clip)
     return norm
 
 
@@ -419,12 +424,12 @@ def draw_examples(windows, cfg: TrainConfig, step: int, micro: int, indices) -> 
 
 # ---- loss ---------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(lm: MusicGenLM, batches: list[dict], autocast, valid_only: bool = True) -> dict:
+def evaluate(lm: MusicGenLM, batches: list[dict], autocast, valid_only: bool = True, loss_fn=None) -> dict:
     """Target-frame loss on held-out windows, with the real context and with the context dropped:
     the gap between the two is what the context is worth to the model."""
     was_training = lm.training
     lm.eval()
-    loss_fn = StageLoss(lm, valid_only)
+    loss_fn = loss_fn or StageLoss(lm, valid_only)  # --fsdp passes its sharded root (a StageLoss)
     totals = {"val_loss": 0.0, "val_loss_nocontext": 0.0}
     lm_cfg = lm.cfg
     n_windows = 0
@@ -512,18 +517,21 @@ def save_checkpoint(out: Path, lm: MusicGenLM, base: str, step: int, cfg: TrainC
     if bad is not None:
         raise Diverged(f"step {step}: weight {bad} holds NaN or infinite values; not saved "
                        f"(the last good checkpoint in {out} is kept)")
-    previous = latest_checkpoint(out)
     name = f"step-{step:08d}"
-    if previous is not None and previous.name == name:
+    if (previous := latest_checkpoint(out)) is not None and previous.name == name:
         return  # this very step is already saved (a Ctrl-C right after a scheduled save)
     state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "identity": cfg.identity()}
     if (scaled := scaler_state(scaler)) is not None:
         state["scaler"] = scaled
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
+    write_step(out, name, Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out)), state, lm_state, lm.cfg, base, cfg)
+
+
+def write_step(out: Path, name: str, tmp: Path, state: dict, lm_state: dict, lm_cfg, base: str, cfg: TrainConfig):
+    """Fill the temporary folder tmp (other ranks' files may be in it already), rename it to step-N, switch `latest`."""
     try:
         torch.save(state, tmp / STATE_FILE)
         spec = {"lora": {k: v for k, v in vars(cfg.lora_spec()).items()}} if cfg.lora_rank else {}
-        save_native(tmp, lm_state, lm.cfg, base, extra={"step": step, "train": cfg.to_json(), **spec})
+        save_native(tmp, lm_state, lm_cfg, base, extra={"step": state["step"], "train": cfg.to_json(), **spec})
         for f in tmp.iterdir():
             _fsync(f)
         with_default_mode(tmp)
@@ -535,6 +543,54 @@ def save_checkpoint(out: Path, lm: MusicGenLM, base: str, step: int, cfg: TrainC
         raise
     write_atomic(out / LATEST, lambda p: p.write_text(name + "\n"))
     remove_stale(out)
+
+
+def save_sharded(out: Path, lm: MusicGenLM, base: str, step: int, cfg: TrainConfig, optimizer, scaler=None):
+    """--fsdp: every rank calls it. The model gathered to rank 0 and written whole; each rank's optimizer
+    shard in its own file of the same temporary step folder, renamed by rank 0 once all are written."""
+    import torch.distributed as dist
+
+    from . import sharding
+
+    out, rank = Path(out), dist.get_rank()
+    full = sharding.full_state(lm)  # collective
+    bad = torch.tensor([float(not all(bool(torch.isfinite(p.to_local()).all()) for p in lm.parameters()))])
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item():
+        raise Diverged(f"step {step}: the weights hold NaN or infinite values; not saved (the last good checkpoint in {out} is kept)")
+    name = f"step-{step:08d}"
+    if (previous := latest_checkpoint(out)) is not None and previous.name == name:
+        return
+    tmp = sharding.shared_temporary(out, name)
+    mine = {"optimizer": sharding.local_optimizer_state(optimizer), "rng": rng_state()}
+    if rank:
+        torch.save(mine, tmp / sharding.rank_file(STATE_FILE, rank))
+        _fsync(tmp / sharding.rank_file(STATE_FILE, rank))
+    dist.barrier()  # every shard is on disk before rank 0 renames the folder
+    if rank == 0:
+        trained = {n for n, p in lm.named_parameters() if p.requires_grad}
+        lm_state = {k: v for k, v in full.items() if k in trained} if cfg.lora_rank else full
+        state = {"step": step, **mine, "identity": cfg.identity(), "sharded_over": dist.get_world_size()}
+        if (scaled := scaler_state(scaler)) is not None:
+            state["scaler"] = scaled
+        write_step(out, name, tmp, state, lm_state, lm.cfg, base, cfg)
+    dist.barrier()
+
+
+def rank_state(out: Path, state: dict, rank: int, world: int, fsdp: bool) -> dict:
+    """The optimizer state this rank resumes from: its own shard under --fsdp (same process count)."""
+    from .sharding import rank_file
+
+    over = state.get("sharded_over")
+    if fsdp and over != world or not fsdp and over:
+        raise UsageError(f"--resume: the run in {out} was saved " + (f"sharded over {over} processes (--fsdp): resume it "
+                         f"with --fsdp and {over} processes" if over else "without --fsdp: resume it without --fsdp"))
+    if not over or rank == 0:
+        return state
+    try:
+        return safe_torch_load(latest_checkpoint(out) / rank_file(STATE_FILE, rank))
+    except LoadError as e:
+        raise UsageError(f"--resume: {e}") from None
 
 
 def remove_stale(out: Path):
