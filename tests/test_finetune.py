@@ -203,15 +203,29 @@ def torchrun(*argv, n=2):
 
 @pytest.mark.parametrize("extra", [[], LORA + ["--checkpoint-activations", "--clip-mode", "norm"]])
 def test_fsdp_on_two_cpu_processes_equals_one_process_and_resumes(setup, tmp_path, extra):
-    """FSDP2 (gloo, 2 CPU processes): 2 steps, resumed to 3, equal one process's 3 steps; the run folder
-    holds the whole model (sample.py and convert read it as any run) and one optimizer shard per rank."""
+    """FSDP2 (gloo, 2 CPU processes): killed with SIGKILL after its first checkpoint (or stopped after 2 steps),
+    then resumed to 3 steps, equals one process's 3 steps; the run folder holds the whole model (sample.py and
+    convert read it as any run) and one optimizer shard per rank."""
     common = ["--p-text-drop", "0.5", "--p-context-drop", "0.5", "--grad-accum", "2", "--no-augment", "--code-cache", *extra]
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     r = torchrun(*args(setup, single, *common, steps=3), n=1)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = torchrun(*args(setup, sharded, *common, "--fsdp", steps=2))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "2 process(es) (FSDP)" in r.stderr
+    if not extra:  # killed (SIGKILL, the whole process group) as soon as its first checkpoint is in place
+        import signal
+        import time
+
+        log = open(tmp_path / "killed.log", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 str(ROOT / "train.py"), *args(setup, sharded, *common, "--fsdp", "--save-every", "1", steps=3)],
+                                cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=log, start_new_session=True)
+        while not (sharded / "latest").exists() and proc.poll() is None:
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
+        assert "2 process(es) (FSDP)" in (tmp_path / "killed.log").read_text()
+    else:
+        r = torchrun(*args(setup, sharded, *common, "--fsdp", steps=2))
+        assert r.returncode == 0, r.stderr[-3000:]
     assert {p.name for p in latest(sharded).iterdir()} == {"config.json", "model.safetensors", T.STATE_FILE, "train_state.1.pt"}
     r = torchrun(*args(setup, sharded, *common, "--fsdp", "--resume", steps=3))
     assert r.returncode == 0, r.stderr[-3000:]

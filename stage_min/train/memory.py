@@ -49,6 +49,7 @@ class Shape:
     checkpoint: bool = False
     half: bool = False  # bf16/fp16 autocast (CUDA)
     optimizer_bytes: int = 8  # AdamW's two fp32 moments per trained parameter
+    shards: int = 1  # --fsdp: processes the parameters, gradients and optimizer states are sharded over
 
     @property
     def steps(self) -> int:
@@ -66,7 +67,8 @@ def shape_of(cfg, batch: int | None = None, half: bool | None = None) -> Shape:
     d = cfg.data_cfg
     micro = batch if batch is not None else max(1, cfg.batch_size // cfg.grad_accum)
     return Shape(lm_shape(cfg), micro, round(d.context_max * FRAME_RATE), round(d.target_seconds * FRAME_RATE),
-                 cfg.lora_spec(), cfg.checkpoint_activations, cfg.precision != "fp32" if half is None else half)
+                 cfg.lora_spec(), cfg.checkpoint_activations, cfg.precision != "fp32" if half is None else half,
+                 shards=cfg.plan_processes if cfg.fsdp else 1)
 
 
 def counts(s: Shape) -> tuple[int, int]:
@@ -111,11 +113,15 @@ def activations(s: Shape) -> tuple[int, int]:
 def estimate(s: Shape) -> dict:
     """Bytes of each part and the peak of one training step (LM only, plus the frozen T5 and EnCodec)."""
     n_all, n_trained = counts(s)
-    params = 4 * n_all
-    grads = 4 * n_trained
-    optimizer = s.optimizer_bytes * n_trained
+    n = s.shards  # FSDP: each process holds 1/n, plus the units it has gathered (the root: embeddings and heads,
+    # for the whole step; two blocks at a time, the one running and the one prefetched)
+    c = s.lm
+    gathered = 0 if n == 1 else 4 * (2 * c.n_codebooks * c.vocab_in * c.dim + 2 * (16 * c.dim * c.dim))
+    params = 4 * n_all // n + gathered
+    grads = 4 * n_trained // n + (gathered if s.lora is None else 0)  # a unit's full gradients before its reduce-scatter
+    optimizer = s.optimizer_bytes * n_trained // n
     act, head = activations(s)
-    c, B = s.lm, s.batch
+    B = s.batch
     # start of the backward: everything kept, plus the logits' gradients (the target logits' and the full
     # logits tensor's) and the heads' weight gradients; end: all gradients (+ one block recomputed)
     logit_grads = 2 * B * c.n_codebooks * (s.target_frames + c.n_codebooks + 1) * c.card * 4
@@ -142,7 +148,8 @@ def plan_text(cfg) -> str:
     half = cfg.precision != "fp32"
     gb = lambda n: f"{n / GiB:7.2f} GiB"  # noqa: E731
     mode = f"LoRA rank {s.lora.rank} on {','.join(s.lora.targets)}" if s.lora else "full fine-tuning"
-    lines = [f"memory plan (estimated; per process): --preset {cfg.preset} ({e['n_params'] / 1e6:.0f}M LM parameters, "
+    fsdp = f", sharded over {s.shards} processes (--fsdp)" if s.shards > 1 else ""
+    lines = [f"memory plan (estimated; per process{fsdp}): --preset {cfg.preset} ({e['n_params'] / 1e6:.0f}M LM parameters, "
              f"{e['n_trained'] / 1e6:.2f}M trained: {mode}), micro-batch {s.batch}, {s.context_frames} context + "
              f"{s.target_frames} target frames ({s.steps} steps), {cfg.precision} on CUDA (fp32 on CPU), "
              f"activation checkpointing {'on' if s.checkpoint else 'off'}",

@@ -24,7 +24,7 @@ from ..io.loading import (LATEST, LoadError, follow_latest, is_native, lm_config
 from ..io.metronome import click_track
 from ..model import LMConfig, MusicGenLM
 from ..songs import encode_contexts
-from ..stage import StageLoss, build_sequence, target_loss  # noqa: F401 (T.target_loss, T.StageLoss)
+from ..stage import StageLoss, build_sequence, first_target_logit, target_loss  # noqa: F401 (T.target_loss, T.StageLoss, T.first_target_logit)
 
 STATE_FILE = "train_state.pt"  # optimizer, step and RNG states, beside the model files
 METRICS_FILE = "metrics.jsonl"
@@ -116,6 +116,7 @@ class TrainConfig:
     plan: bool = option(False, "print the memory plan of these options (parameters, gradients, optimizer states, "
                         "activations; the largest batch that fits --gpu-memory) and exit without training")
     gpu_memory: float = option(24.0, "--plan: GiB of GPU memory to fit", above(0))
+    plan_processes: int = option(1, "--plan with --fsdp: the processes (GPUs) the model is sharded over", at_least(1))
     data_cfg: DataConfig = field(default_factory=DataConfig)
 
     def check(self):
