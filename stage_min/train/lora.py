@@ -38,13 +38,14 @@ class LoraSpec:
         return self.alpha / self.rank
 
 
-class LoRALinear(nn.Linear):
+class LoRALinear(nn.Module):
     """A frozen nn.Linear (same `weight` Parameter, same state-dict key) plus one low-rank update per
     row slice: y = x W^T + sum_s scale * (drop(x) A_s^T B_s^T) on rows s. B starts at zero: the
-    adapted model starts as the base."""
+    adapted model starts as the base. Not an nn.Linear subclass, so that nothing that rewrites
+    Linear layers (generate.fast_cpu_decode) can drop the adapters."""
 
     def __init__(self, base: nn.Linear, slices: list[tuple[int, int]], spec: LoraSpec):
-        nn.Module.__init__(self)
+        super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.scale, self.drop = spec.scale, nn.Dropout(spec.dropout)
