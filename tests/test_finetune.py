@@ -238,3 +238,24 @@ def test_fsdp_on_two_cpu_processes_equals_one_process_and_resumes(setup, tmp_pat
     dst = tmp_path / "exported"
     r = subprocess.run([sys.executable, "-m", "stage_min.io.convert", str(sharded), str(dst)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
+
+
+def test_adamw8bit_trains_saves_weights_only_and_resumes(setup, tmp_path):
+    """--optimizer adamw8bit (bitsandbytes, CPU here): its 8-bit states load with weights_only, a resumed
+    run ends where an uninterrupted one does, and --plan counts 2 bytes of state per trained parameter."""
+    pytest.importorskip("bitsandbytes")
+    from stage_min.train import memory
+
+    opts = ["--optimizer", "adamw8bit", "--no-augment", "--code-cache", "--batch-size", "2", "--eval-windows", "2"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    train.main(args(setup, full, *opts, steps=2))
+    train.main(args(setup, part, *opts, steps=1))
+    state = torch.load(latest(part) / T.STATE_FILE, weights_only=True)
+    quantized = [v for s in state["optimizer"]["state"].values() for v in s.get("__bnb_optimizer_quant_state__", {}).values()]
+    assert any(torch.is_tensor(v) and v.dtype == torch.uint8 for v in quantized)  # the 8-bit moments
+    train.main(args(setup, part, *opts, "--resume", steps=2))
+    a, b = load_file(str(latest(full) / "model.safetensors")), load_file(str(latest(part) / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    eight = memory.estimate(memory.shape_of(T.TrainConfig(preset="medium", optimizer="adamw8bit")))
+    assert eight["optimizer"] * 4 == memory.estimate(memory.shape_of(T.TrainConfig(preset="medium")))["optimizer"]

@@ -68,7 +68,7 @@ def shape_of(cfg, batch: int | None = None, half: bool | None = None) -> Shape:
     micro = batch if batch is not None else max(1, cfg.batch_size // cfg.grad_accum)
     return Shape(lm_shape(cfg), micro, round(d.context_max * FRAME_RATE), round(d.target_seconds * FRAME_RATE),
                  cfg.lora_spec(), cfg.checkpoint_activations, cfg.precision != "fp32" if half is None else half,
-                 shards=cfg.plan_processes if cfg.fsdp else 1)
+                 optimizer_bytes=2 if cfg.optimizer == "adamw8bit" else 8, shards=cfg.plan_processes if cfg.fsdp else 1)
 
 
 def counts(s: Shape) -> tuple[int, int]:
@@ -155,7 +155,7 @@ def plan_text(cfg) -> str:
              f"activation checkpointing {'on' if s.checkpoint else 'off'}",
              f"  parameters (fp32)           {gb(e['parameters'])}",
              f"  gradients                   {gb(e['gradients'])}",
-             f"  optimizer states (AdamW)    {gb(e['optimizer'])}",
+             f"  optimizer states ({cfg.optimizer})  {gb(e['optimizer'])}",
              f"  activations                 {gb(e['activations'])}",
              f"  peak of a step (LM)         {gb(e['peak_lm'])}",
              f"  T5 + EnCodec (frozen)       {gb(e['frozen_t5_encodec'])}",

@@ -40,6 +40,7 @@ class Diverged(Exception):
 
 CLIP_MODES, PRECISIONS, SEPARATOR_INITS = ("value", "norm"), ("fp16", "bf16", "fp32"), ("kaiming", "mean")
 PRESETS = ("tiny", "small", "medium", "large")
+OPTIMIZERS = ("adamw", "adamw8bit")
 TARGET_LIST = Rule(lambda v: bool(names(v)) and set(names(v)) <= set(lora.TARGETS), f"must be a comma list of {', '.join(lora.TARGETS)}")
 
 
@@ -109,6 +110,9 @@ class TrainConfig:
     lora_dropout: float = option(0.0, "dropout on the adapters' input (loralib's default)", within(0, 1, closed=False))
     lora_targets: str = option("q,k,v,out", "comma list of q, k, v, out (every self- and cross-attention's; the "
                                "original's choice) and ffn (both feed-forward layers)", TARGET_LIST)
+    optimizer: str = option("adamw", "adamw (fp32 states, fused on CUDA) or adamw8bit (bitsandbytes' 8-bit AdamW: "
+                            "2 bytes of state per trained parameter instead of 8; pip install 'stage_min[bnb]')",
+                            one_of(*OPTIMIZERS), choices=OPTIMIZERS)
     checkpoint_activations: bool = option(False, "recompute each block's activations in the backward (torch.utils."
                                           "checkpoint): activation memory of about one block instead of all, ~30%% slower steps")
     fsdp: bool = option(False, "under torchrun: shard the LM's parameters, gradients and optimizer states over the "
@@ -133,6 +137,8 @@ class TrainConfig:
             raise UsageError(f"--cooldown-steps needs --cooldown-lr > 0, got {self.cooldown_lr:g}")
         if self.preset != "tiny" and (self.dim or self.layers or self.heads):
             raise UsageError(f"--dim/--layers/--heads only apply to --preset tiny ({self.preset} keeps the base's shape)")
+        if self.optimizer == "adamw8bit" and self.fsdp:
+            raise UsageError("--optimizer adamw8bit does not take --fsdp (bitsandbytes' states are not sharded tensors); use adamw")
         if self.lora_rank and self.preset == "tiny":
             raise UsageError("--lora-rank adapts a pretrained LM: use --preset small, medium or large (tiny starts from random weights)")
         d = self.data_cfg
@@ -316,6 +322,12 @@ def make_optimizer(lm: MusicGenLM, cfg: TrainConfig, fused: bool = False) -> tor
     decay = [p for p in lm.parameters() if p.requires_grad and (cfg.decay_all or p.dim() >= 2)]
     no_decay = [p for p in lm.parameters() if p.requires_grad and not (cfg.decay_all or p.dim() >= 2)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw8bit":  # block-wise 8-bit moments (tensors under 4096 values keep fp32 ones)
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UsageError("--optimizer adamw8bit needs bitsandbytes: pip install 'stage_min[bnb]'") from None
+        return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
 
 
