@@ -106,7 +106,7 @@ class TrainConfig:
     heads: int = option(0, "tiny preset: heads (0 = preset)", at_least(0))
     lora_rank: int = option(0, "train LoRA adapters of this rank (and the context-token rows) instead of the whole LM; "
                             "the run folder then stores the adapters only (0: full fine-tuning)", at_least(0))
-    lora_alpha: float = option(0.0, "LoRA scale alpha / rank (0: 2 x rank; the original's code sets no default)", at_least(0))
+    lora_alpha: float = option(0.0, "LoRA alpha: the update is scaled by alpha / rank (0: 2 x rank; the original's code sets no default)", at_least(0))
     lora_dropout: float = option(0.0, "dropout on the adapters' input (loralib's default)", within(0, 1, closed=False))
     lora_targets: str = option("q,k,v,out", "comma list of q, k, v, out (every self- and cross-attention's; the "
                                "original's choice) and ffn (both feed-forward layers)", TARGET_LIST)
@@ -114,7 +114,7 @@ class TrainConfig:
                             "2 bytes of state per trained parameter instead of 8; pip install 'stage_min[bnb]')",
                             one_of(*OPTIMIZERS), choices=OPTIMIZERS)
     checkpoint_activations: bool = option(False, "recompute each block's activations in the backward (torch.utils."
-                                          "checkpoint): activation memory of about one block instead of all, ~30%% slower steps")
+                                          "checkpoint): activation memory of about one block instead of all, for one more forward per step")
     fsdp: bool = option(False, "under torchrun: shard the LM's parameters, gradients and optimizer states over the "
                         "processes (FSDP2) instead of DDP's whole replica per process; resume with as many processes")
     plan: bool = option(False, "print the memory plan of these options (parameters, gradients, optimizer states, "
