@@ -155,7 +155,7 @@ def plan_text(cfg) -> str:
              f"activation checkpointing {'on' if s.checkpoint else 'off'}",
              f"  parameters (fp32)           {gb(e['parameters'])}",
              f"  gradients                   {gb(e['gradients'])}",
-             f"  optimizer states ({cfg.optimizer})  {gb(e['optimizer'])}",
+             f"  {'optimizer states (' + cfg.optimizer + ')':28}{gb(e['optimizer'])}",
              f"  activations                 {gb(e['activations'])}",
              f"  peak of a step (LM)         {gb(e['peak_lm'])}",
              f"  T5 + EnCodec (frozen)       {gb(e['frozen_t5_encodec'])}",
