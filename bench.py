@@ -308,7 +308,11 @@ def train_step_fn(variant: str, preset: LMConfig, batch: int, frames: int, conte
             return T.target_loss(logits, grid, target)
     else:
         lm = our_lm(hf).to(device).train()
-        params, loss_fn = list(lm.parameters()), T.StageLoss(lm)
+        if "lora" in variant:  # train.py --lora-rank 16 (the default targets: q, k, v, out)
+            from stage_min.train.lora import LoraSpec, add_adapters
+            add_adapters(lm, LoraSpec(16, 32.0))
+        lm.checkpoint_blocks = "ckpt" in variant  # train.py --checkpoint-activations
+        params, loss_fn = [p for p in lm.parameters() if p.requires_grad], T.StageLoss(lm)
 
         def forward():
             return loss_fn(grid, keep, target, states, mask)
@@ -354,7 +358,7 @@ def bench_train(args, device):
     """--mode train: each variant in a child process; one JSON line with the ratios."""
     import subprocess
 
-    variants = ["hf", "ours"] + ([] if args.no_compile else ["ours_compiled"])
+    variants = ["hf", "ours"] + ([] if args.no_compile else ["ours_compiled"]) + ["ours_lora", "ours_ckpt", "ours_lora_ckpt"]
     result = {"mode": "train", "config": args.config, "device": str(device), "threads": torch.get_num_threads(),
               "batch": args.batch, "context_frames": args.context_frames, "frames": args.frames}
     for v in variants:
@@ -375,6 +379,9 @@ def bench_train(args, device):
     if "ours_compiled_step_s" in result:
         result["speedup_compiled"] = round(result["hf_step_s"] / result["ours_compiled_step_s"], 2)
     result["memory_ratio"] = round(result["ours_peak_mem_mb"] / max(result["hf_peak_mem_mb"], 1e-9), 2)
+    for v in ("ours_lora", "ours_ckpt", "ours_lora_ckpt"):  # against full fine-tuning (ours), the same shape
+        result[f"{v}_speed_vs_full"] = round(result["ours_step_s"] / result[f"{v}_step_s"], 2)
+        result[f"{v}_memory_vs_full"] = round(result[f"{v}_peak_mem_mb"] / max(result["ours_peak_mem_mb"], 1e-9), 2)
     print(json.dumps(result), flush=True)
 
 
@@ -384,7 +391,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=4, help="train: rows per step")
     p.add_argument("--frames", type=int, default=500, help="train: target frames per row (500 = 10 s)")
     p.add_argument("--context-frames", type=int, default=500, help="train: context frames per row (0: plain MusicGen rows)")
-    p.add_argument("--variant", default="all", choices=["all", "hf", "ours", "ours_compiled"], help="train: every variant, each in a child process, or one only (what each child runs)")
+    p.add_argument("--variant", default="all", choices=["all", "hf", "ours", "ours_compiled", "ours_lora", "ours_ckpt", "ours_lora_ckpt"], help="train: every variant, each in a child process, or one only (what each child runs); ours_lora: LoRA rank 16 on q,k,v,out; ours_ckpt: --checkpoint-activations")
     p.add_argument("--context-seconds", type=float, default=10.0, help="stage: context length")
     p.add_argument("--stem-seconds", default="10", help="stage: stem lengths, comma list (e.g. 5,10,20)")
     p.add_argument("--original-full", action="store_true", help="stage: also run the original's whole loop (slow), not only the timed steps it is estimated from")

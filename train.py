@@ -2,7 +2,7 @@
 
     python train.py --data DIR --target drums --preset small --out runs/drums [--base PATH_OR_HUB_ID]
                     [--max-steps N] [--resume] ...
-    torchrun --nproc_per_node=N train.py ...          # DistributedDataParallel, same options
+    torchrun --nproc_per_node=N train.py ... [--fsdp]  # DistributedDataParallel, or FSDP2 shards with --fsdp
 
 The run folder is the checkpoint: `python sample.py --model runs/drums ...` loads it.
 """
@@ -25,6 +25,8 @@ from stage_min.io.audio import AudioError
 from stage_min.train.beats import check_tracker
 from stage_min.cli.options import OneLineParser, warnings_via_tqdm
 from stage_min.io.loading import LoadError
+from stage_min.train.memory import plan_text
+from stage_min.train.sharding import load_optimizer_shard, shard
 from stage_min.train.options import add_options, given_options
 
 
@@ -72,6 +74,7 @@ class Run:
     loss_fn: torch.nn.Module = None  # T.StageLoss, wrapped in DDP across processes
     autocast: object = contextlib.nullcontext
     precision: str = "fp32"  # what the steps run in (CPU runs fp32 whatever --precision says)
+    fsdp: bool = False  # the LM sharded over the processes (--fsdp under torchrun), not replicated by DDP
     step: int = 0
     loss: float | None = None  # the last step's, checked before a checkpoint is kept
 
@@ -94,7 +97,7 @@ def start_processes(cfg: T.TrainConfig) -> Run:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=4))
     if cfg.batch_size % (world * cfg.grad_accum):
         raise T.UsageError(f"--batch-size {cfg.batch_size} is not divisible by processes x --grad-accum = {world * cfg.grad_accum}")
-    return Run(cfg, Path(cfg.out), device, rank, world, cfg.batch_size // (world * cfg.grad_accum))
+    return Run(cfg, Path(cfg.out), device, rank, world, cfg.batch_size // (world * cfg.grad_accum), fsdp=cfg.fsdp and world > 1)
 
 
 def check_out(run: Run):
@@ -150,9 +153,12 @@ def build_model(run: Run, state: dict | None):
     """The model (new from --preset/--base, or the run's own on --resume), its optimizer, the loss
     (under DDP across processes) and mixed precision: fp16 autocast + a gradient scaler, or bf16, on CUDA only."""
     cfg = run.cfg
-    model, run.base = T.load_for_resume(run.out) if state else T.build_model(cfg)  # resume: the run's base, not --base
+    model, run.base = T.load_for_resume(run.out, cfg) if state else T.build_model(cfg)  # resume: the run's base, not --base
     run.model = model.to(run.device)
     T.freeze_for_training(run.model)
+    run.model.lm.checkpoint_blocks = cfg.checkpoint_activations
+    if run.fsdp:  # before the optimizer: it holds the shards
+        run.loss_fn = shard(T.StageLoss(run.model.lm, cfg.valid_steps_only), run.device)
     run.optimizer = T.make_optimizer(run.model.lm, cfg, fused=run.device.type == "cuda")
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.precision) if run.device.type == "cuda" else None
     run.autocast = (lambda: torch.autocast("cuda", dtype=half)) if half is not None else contextlib.nullcontext
@@ -160,7 +166,8 @@ def build_model(run: Run, state: dict | None):
     run.scaler = torch.amp.GradScaler("cuda", enabled=half == torch.float16)  # fp16 gradients underflow without it
     if state:
         try:
-            run.optimizer.load_state_dict(state["optimizer"])
+            saved = T.rank_state(run.out, state, run.rank, run.world, run.fsdp)["optimizer"]
+            load_optimizer_shard(run.optimizer, saved) if run.fsdp else run.optimizer.load_state_dict(saved)
         except (ValueError, KeyError) as e:
             raise T.UsageError(f"--resume: the optimizer state in {run.out} does not fit this model ({e})") from None
         for group in run.optimizer.param_groups:  # the betas given now win over the saved ones (the lr is set every step)
@@ -169,8 +176,8 @@ def build_model(run: Run, state: dict | None):
         run.step = state["step"]
         if "scaler" in state and run.scaler.is_enabled():
             run.scaler.load_state_dict(state["scaler"])
-    run.loss_fn = T.StageLoss(run.model.lm, cfg.valid_steps_only)
-    if run.world > 1:
+    run.loss_fn = run.loss_fn or T.StageLoss(run.model.lm, cfg.valid_steps_only)
+    if run.world > 1 and not run.fsdp:
         run.loss_fn = torch.nn.parallel.DistributedDataParallel(
             run.loss_fn, device_ids=[run.device.index] if run.device.type == "cuda" else None)
 
@@ -199,15 +206,17 @@ def load_data(run: Run, train_songs: list, val_songs: list):
         raise D.DataError(f"no training songs left: {e}{held}") from None
     song_codes = T.SongCodes(windows.songs, codec, run.device) if cfg.code_cache else None
     eval_batches = []
-    if run.master:  # fixed held-out windows, encoded once, each by itself (as at inference) even with --code-cache
+    if run.master or run.fsdp:  # fixed held-out windows, encoded once, each by itself (as at inference) even with --code-cache
         ex = T.validation_windows(val_songs, val_data, cfg, codec, stats)
         for i in range(0, len(ex), run.micro_bs):
             chunk = ex[i:i + run.micro_bs]
             eval_batches.append(T.make_batch(run.model, chunk, [False] * len(chunk), [False] * len(chunk), run.device,
                                              encode_precision=cfg.data_cfg.encode_precision))
+    if run.master:
         n_params = sum(p.numel() for p in run.model.lm.parameters())
+        n_trained = sum(p.numel() for p in run.model.lm.parameters() if p.requires_grad)
         print(f"{len(windows.songs)} training songs, {len(val_data)} held out; {stats.summary()}; "
-              f"LM {n_params / 1e6:.1f}M parameters; {run.world} process(es), {run.micro_bs} x {cfg.grad_accum} per process; "
+              f"LM {n_params / 1e6:.1f}M parameters ({n_trained / 1e6:.2f}M trained); {run.world} process(es){' (FSDP)' if run.fsdp else ''}, {run.micro_bs} x {cfg.grad_accum} per process; "
               f"{run.precision}", file=sys.stderr)
     return windows, song_codes, eval_batches
 
@@ -223,7 +232,9 @@ def train_step(run: Run, windows, song_codes) -> tuple[float, int]:
         b = T.make_batch(run.model, examples, drop_text, drop_ctx, run.device, song_codes, cfg.data_cfg.encode_precision)
         # DDP averages gradients on the last micro-batch only; no_sync() is single-use, one per micro-batch
         last = run.world == 1 or micro == cfg.grad_accum - 1
-        with contextlib.nullcontext() if last else run.loss_fn.no_sync():
+        if run.fsdp:  # FSDP's reduce-scatter on the last micro-batch only, as DDP's no_sync
+            run.loss_fn.set_requires_gradient_sync(last)
+        with contextlib.nullcontext() if last or run.fsdp else run.loss_fn.no_sync():
             with run.autocast():
                 loss = run.loss_fn(b["grid"], b["keep"], b["target"], b["states"], b["mask"]) / cfg.grad_accum
             run.scaler.scale(loss).backward()
@@ -250,12 +261,16 @@ def train_step(run: Run, windows, song_codes) -> tuple[float, int]:
 
 
 def save(run: Run):
-    if run.master:
+    if run.fsdp:  # every rank: the model is gathered, each rank writes its optimizer shard
+        T.save_sharded(run.out, run.model.lm, run.base, run.step, run.cfg, run.optimizer, run.scaler, loss=run.loss)
+    elif run.master:
         T.save_checkpoint(run.out, run.model.lm, run.base, run.step, run.cfg, run.optimizer, run.scaler, loss=run.loss)
 
 
 def train(cfg: T.TrainConfig, resume: bool):
     cfg.check()
+    if cfg.plan:  # --plan: the memory this run would need, without training
+        return print(plan_text(cfg))
     run = start_processes(cfg)
     check_out(run)
     # one train.py per run folder (rank 0 holds the lock): a second would take the first's temporary step for stale
@@ -291,8 +306,10 @@ def loop(run: Run, windows, song_codes, eval_batches):
                 bar.set_postfix(loss=f"{run.loss:.3f}", frames_s=f"{fps:.0f}")
                 T.log_metrics(run.out, {"step": run.step, "loss": run.loss, "lr": cfg.lr_at(run.step - 1), "target_frames_per_s": fps})
                 t0, frames = time.time(), 0
+            if (run.master or run.fsdp) and eval_batches and (run.step % cfg.eval_every == 0 or last):
+                metrics = T.evaluate(run.model.lm, eval_batches, run.autocast, cfg.valid_steps_only,
+                                     run.loss_fn if run.fsdp else None)  # FSDP: every rank, through the root
             if run.master and eval_batches and (run.step % cfg.eval_every == 0 or last):
-                metrics = T.evaluate(run.model.lm, eval_batches, run.autocast, cfg.valid_steps_only)
                 T.log_metrics(run.out, {"step": run.step, **metrics})
                 bar.write(f"step {run.step}: val loss {metrics['val_loss']:.3f} (context dropped: {metrics['val_loss_nocontext']:.3f})")
             if run.step % cfg.save_every == 0 or last:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 
 
@@ -185,6 +186,7 @@ class MusicGenLM(nn.Module):
         self.norm_out = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.heads = nn.ModuleList([nn.Linear(cfg.dim, cfg.card, bias=False) for _ in range(cfg.n_codebooks)])
         self.max_steps = 0  # size of the static cache, 0 when none is set up
+        self.checkpoint_blocks = False  # training: recompute each block in the backward instead of keeping its activations
         # generation state, set by setup_cache: all of it buffers, so a compiled step sees fixed addresses
         for name in ("cross_mask", "cache_keep", "n_dropped", "step_ids"):
             self.register_buffer(name, None, persistent=False)
@@ -234,7 +236,10 @@ class MusicGenLM(nn.Module):
         kvs, cross_mask = self._cross_inputs(text, text_mask)
         x = self._embed(codes, positions)
         for layer, (k, v) in zip(self.layers, kvs):
-            x = layer(x, self_mask, k, v, cross_mask)
+            if self.checkpoint_blocks and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, self_mask, k, v, cross_mask, use_reentrant=False)
+            else:
+                x = layer(x, self_mask, k, v, cross_mask)
         return self._logits(x[:, first_logit:])
 
     # ---- cached generation --------------------------------------------------------------------

@@ -23,6 +23,11 @@ def test_train_mode_runs_both_sides_on_the_same_weights():
     assert out["ours_params_m"] == out["hf_params_m"] > 0
     assert out["ours_step_s"] > 0 and out["hf_step_s"] > 0 and out["speedup"] > 0
     assert out["ours_peak_mem_mb"] >= 0 and "memory_ratio" in out
+    # the LoRA and checkpointing rows: the same first loss (B starts at zero; recomputing changes nothing),
+    # fewer trained parameters, and their speed and memory against full fine-tuning on the same shape
+    assert out["ours_lora_params_m"] < out["ours_params_m"] == out["ours_ckpt_params_m"]
+    for v in ("ours_lora", "ours_ckpt", "ours_lora_ckpt"):
+        assert out[f"{v}_speed_vs_full"] > 0 and out[f"{v}_memory_vs_full"] >= 0
 
 
 def test_stage_mode_estimates_the_original_loop_from_timed_steps():

@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .loading import (LoadError, gather, is_native, name_first, lm_config_from_hf, lm_config_from_native, lm_state_from_hf, lm_state_to_hf, with_default_mode, read_config, read_state_dict, resolve_model_dir, safe_torch_load, submodule_state)
+from .loading import (LoadError, add_context_token, gather, is_native, name_first, lm_config_from_hf, lm_config_from_native, lm_state_from_hf, lm_state_to_hf, with_default_mode, read_config, read_state_dict, resolve_model_dir, safe_torch_load, submodule_state)
 from .lightning_ckpt import restricted_torch_load
 from ..model import LMConfig
 
@@ -175,6 +175,8 @@ def _read_native(folder: Path, t5) -> Checkpoint:
     bundled = any(k.startswith(("text_encoder.", "audio_encoder.")) for k in state)
     if bundled and ("text_encoder" not in config or "audio_encoder" not in config):
         raise LoadError(f"{folder} holds text encoder / codec weights but config.json lacks their sections")
+    if "lora" in config:  # a LoRA run: adapters and context rows over the base's LM, merged here
+        return _merged_lora(folder, config, cfg, lm_state, t5)
     if not bundled:  # T5 + EnCodec come from the base model
         base = config.get("base")
         if not base or not isinstance(base, str):
@@ -188,6 +190,33 @@ def _read_native(folder: Path, t5) -> Checkpoint:
 
 
 # ---- t5-base from its own folder ------------------------------------------------------------------
+def _merged_lora(folder: Path, config: dict, cfg: LMConfig, adapters: dict, t5) -> Checkpoint:
+    """The base's LM (given the context token) with a LoRA run's adapters merged into it: each
+    `<layer>.lora_a.<row>` / `lora_b.<row>` pair adds alpha / rank * B @ A to the weight's rows from <row>
+    (train/lora.py names them so), each `<embed>.context_row` replaces the context token's row."""
+    base = config.get("base")
+    if not isinstance(base, str) or not base:
+        raise LoadError(f"{folder}/config.json: a LoRA checkpoint names no base model")
+    ckpt = read_checkpoint(base, t5)
+    state, base_cfg = add_context_token(ckpt.lm_state, ckpt.lm_cfg)
+    if (base_cfg.dim, base_cfg.n_layers, base_cfg.n_codebooks) != (cfg.dim, cfg.n_layers, cfg.n_codebooks):
+        raise LoadError(f"{folder}: its adapters were trained on another LM than {base}'s")
+    state, scale = {k: v.clone() for k, v in state.items()}, float(config["lora"]["alpha"]) / int(config["lora"]["rank"])
+    for key, a in adapters.items():
+        layer, kind, row = key.rsplit(".", 2) if ".lora_" in key else (*key.rsplit(".", 1), "")
+        if kind == "lora_a":
+            b, first = adapters[f"{layer}.lora_b.{row}"], int(row)
+            state[f"{layer}.weight"][first:first + b.shape[0]] += scale * (b.float() @ a.float()).to(state[f"{layer}.weight"].dtype)
+        elif kind == "context_row":
+            state[f"{layer}.weight"][cfg.context_id] = a
+        elif kind != "lora_b":
+            raise LoadError(f"{folder}: unexpected adapter weight {key}")
+    if cfg.zero_special_row:
+        for k in range(cfg.n_codebooks):
+            state[f"embed.{k}.weight"][cfg.special_id] = 0
+    return Checkpoint("native", cfg, state, ckpt.config, ckpt.state, ckpt.spiece_dir)
+
+
 def _read_t5(t5: str | None, weights: bool = True) -> tuple[dict, dict, Path]:
     """t5-base's config, encoder weights (as text_encoder.*) and folder. Its hub folder holds the whole
     encoder-decoder (T5ForConditionalGeneration); only the encoder and the shared embedding are kept.

@@ -18,14 +18,15 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 
+from . import lora
 from .options import PROBABILITY, SEED, Rule, above, at_least, check_options, one_of, option, within
 from .data import DataConfig, Example, context_frames, encode_autocast, load_stem
-from ..io.loading import (LATEST, MAX_ABS_WEIGHT, LoadError, follow_latest, is_native, read_config, safe_torch_load, save_native,
-                          with_default_mode, write_atomic)
+from ..io.loading import (LATEST, MAX_ABS_WEIGHT, LoadError, follow_latest, is_native, lm_config_from_native, read_config,
+                          read_state_dict, safe_torch_load, save_native, with_default_mode, write_atomic)
 from ..io.metronome import click_track
 from ..model import LMConfig, MusicGenLM
 from ..songs import encode_contexts
-from ..stage import StageLoss, build_sequence, target_loss  # noqa: F401 (T.target_loss, T.StageLoss)
+from ..stage import StageLoss, build_sequence, first_target_logit, target_loss  # noqa: F401 (T.target_loss, T.StageLoss, T.first_target_logit)
 
 STATE_FILE = "train_state.pt"  # optimizer, step and RNG states, beside the model files
 METRICS_FILE = "metrics.jsonl"
@@ -46,6 +47,13 @@ class SaveError(OSError):
 
 
 CLIP_MODES, PRECISIONS, SEPARATOR_INITS = ("value", "norm"), ("fp16", "bf16", "fp32"), ("kaiming", "mean")
+PRESETS = ("tiny", "small", "medium", "large")
+OPTIMIZERS = ("adamw", "adamw8bit")
+TARGET_LIST = Rule(lambda v: bool(names(v)) and set(names(v)) <= set(lora.TARGETS), f"must be a comma list of {', '.join(lora.TARGETS)}")
+
+
+def names(text: str) -> tuple:
+    return tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
 DEVICE = Rule(lambda v: re.fullmatch(r"(cpu|cuda(:\d+)?)?", v) is not None, "must be cpu, cuda or cuda:N")
 
 
@@ -55,8 +63,10 @@ class TrainConfig:
     says why one would change it, its rule what a value must be (options.py builds the parser from them)."""
     data: str = ""  # train.py --data, --out and --target are required, so they are written in its parser
     out: str = ""
-    preset: str = option("small", "tiny (random, CPU-sized) or small (pretrained base LM)", one_of("tiny", "small"))
-    base: str = option("facebook/musicgen-small", "model folder or hub id for T5, EnCodec (and the LM for small)")
+    preset: str = option("small", "tiny (random, CPU-sized) or small, medium, large (the pretrained base's LM: "
+                         "facebook/musicgen-small, -medium, -large by default)", one_of(*PRESETS), choices=PRESETS)
+    base: str = option("", "model folder or hub id for T5, EnCodec (and the LM of small/medium/large); "
+                       "default: facebook/musicgen-PRESET (tiny: facebook/musicgen-small)")
     max_steps: int = option(10000, "optimizer steps (the original: up to 100k, 24 h cap)", at_least(1))
     batch_size: int = option(8, "global batch per optimizer step, split over processes (the original: 2 x 4 accumulation)", at_least(1))
     grad_accum: int = option(1, "micro-batches per step, to fit the batch in memory", at_least(1))
@@ -102,6 +112,23 @@ class TrainConfig:
     dim: int = option(0, "tiny preset: model width (0 = preset)", at_least(0))
     layers: int = option(0, "tiny preset: layers (0 = preset)", at_least(0))
     heads: int = option(0, "tiny preset: heads (0 = preset)", at_least(0))
+    lora_rank: int = option(0, "train LoRA adapters of this rank (and the context-token rows) instead of the whole LM; "
+                            "the run folder then stores the adapters only (0: full fine-tuning)", at_least(0))
+    lora_alpha: float = option(0.0, "LoRA alpha: the update is scaled by alpha / rank (0: 2 x rank; the original's code sets no default)", at_least(0))
+    lora_dropout: float = option(0.0, "dropout on the adapters' input (loralib's default)", within(0, 1, closed=False))
+    lora_targets: str = option("q,k,v,out", "comma list of q, k, v, out (every self- and cross-attention's; the "
+                               "original's choice) and ffn (both feed-forward layers)", TARGET_LIST)
+    optimizer: str = option("adamw", "adamw (fp32 states, fused on CUDA) or adamw8bit (bitsandbytes' 8-bit AdamW: "
+                            "2 bytes of state per trained parameter instead of 8; pip install 'stage_min[bnb]')",
+                            one_of(*OPTIMIZERS), choices=OPTIMIZERS)
+    checkpoint_activations: bool = option(False, "recompute each block's activations in the backward (torch.utils."
+                                          "checkpoint): activation memory of about one block instead of all, for one more forward per step")
+    fsdp: bool = option(False, "under torchrun: shard the LM's parameters, gradients and optimizer states over the "
+                        "processes (FSDP2) instead of DDP's whole replica per process; resume with as many processes")
+    plan: bool = option(False, "print the memory plan of these options (parameters, gradients, optimizer states, "
+                        "activations; the largest batch that fits --gpu-memory) and exit without training")
+    gpu_memory: float = option(24.0, "--plan: GiB of GPU memory to fit", above(0))
+    plan_processes: int = option(1, "--plan with --fsdp: the processes (GPUs) the model is sharded over", at_least(1))
     data_cfg: DataConfig = field(default_factory=DataConfig)
 
     def check(self):
@@ -116,8 +143,12 @@ class TrainConfig:
             raise UsageError(f"--cooldown-steps must be in [0, --max-steps = {self.max_steps}], got {self.cooldown_steps}")
         if self.cooldown_steps and not self.cooldown_lr > 0:
             raise UsageError(f"--cooldown-steps needs --cooldown-lr > 0, got {self.cooldown_lr:g}")
-        if self.preset == "small" and (self.dim or self.layers or self.heads):
-            raise UsageError("--dim/--layers/--heads only apply to --preset tiny (small keeps the base's shape)")
+        if self.preset != "tiny" and (self.dim or self.layers or self.heads):
+            raise UsageError(f"--dim/--layers/--heads only apply to --preset tiny ({self.preset} keeps the base's shape)")
+        if self.optimizer == "adamw8bit" and self.fsdp:
+            raise UsageError("--optimizer adamw8bit does not take --fsdp (bitsandbytes' states are not sharded tensors); use adamw")
+        if self.lora_rank and self.preset == "tiny":
+            raise UsageError("--lora-rank adapts a pretrained LM: use --preset small, medium or large (tiny starts from random weights)")
         d = self.data_cfg
         if self.align_init and (self.preset != "tiny" or d.context_min != d.context_max
                                 or (d.p_full_context > 0 and d.context_max != d.target_seconds)):
@@ -137,8 +168,20 @@ class TrainConfig:
     def identity(self) -> dict:
         """What a resumed run must share with the checkpoint it continues."""
         # seed and val_fraction decide which songs are held out: changing them would leak eval songs into training
-        return {"preset": self.preset, "target": self.data_cfg.target, "dim": self.dim, "layers": self.layers,
+        same = {"preset": self.preset, "target": self.data_cfg.target, "dim": self.dim, "layers": self.layers,
                 "heads": self.heads, "seed": self.seed, "val_fraction": self.data_cfg.val_fraction}
+        if self.lora_rank:  # only then: runs saved before LoRA existed still resume
+            same.update(lora_rank=self.lora_rank, lora_alpha=self.lora_spec().alpha, lora_targets=list(self.lora_spec().targets))
+        return same
+
+    def base_name(self) -> str:
+        """--base, or the preset's MusicGen on the hub."""
+        return self.base or f"facebook/musicgen-{'small' if self.preset == 'tiny' else self.preset}"
+
+    def lora_spec(self) -> "lora.LoraSpec | None":
+        if not self.lora_rank:
+            return None
+        return lora.LoraSpec(self.lora_rank, self.lora_alpha or 2.0 * self.lora_rank, self.lora_dropout, names(self.lora_targets))
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -203,8 +246,9 @@ def build_model(cfg: TrainConfig):
     from ..io.pretrained import from_pretrained
 
     torch.manual_seed(cfg.seed)
-    base = str(Path(cfg.base).resolve()) if Path(cfg.base).expanduser().is_dir() else cfg.base
-    if cfg.preset == "small":  # the base's LM weights, with the context token appended
+    base = cfg.base_name()
+    base = str(Path(base).resolve()) if Path(base).expanduser().is_dir() else base
+    if cfg.preset != "tiny":  # the base's LM weights, with the context token appended
         model = from_pretrained(base, stage=True)
         lm_cfg, state = model.lm.cfg, model.lm.state_dict()
     else:
@@ -234,7 +278,7 @@ def build_model(cfg: TrainConfig):
         state[f"embed.{k}.weight"] = table
     lm = MusicGenLM(lm_cfg)
     lm.load_state_dict(state)
-    model.lm = lm
+    model.lm = lora.add_adapters(lm, cfg.lora_spec()) if cfg.lora_rank else lm
     return model.eval(), base
 
 
@@ -288,17 +332,26 @@ def make_optimizer(lm: MusicGenLM, cfg: TrainConfig, fused: bool = False) -> tor
     decay = [p for p in lm.parameters() if p.requires_grad and (cfg.decay_all or p.dim() >= 2)]
     no_decay = [p for p in lm.parameters() if p.requires_grad and not (cfg.decay_all or p.dim() >= 2)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw8bit":  # block-wise 8-bit moments (tensors under 4096 values keep fp32 ones)
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UsageError("--optimizer adamw8bit needs bitsandbytes: pip install 'stage_min[bnb]'") from None
+        return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
 
 
 def clip_gradients(lm: MusicGenLM, cfg: TrainConfig) -> torch.Tensor:
     """Clip per value (the original's) or by the global norm; returns the global norm before
     clipping, whose finiteness tells a diverged (or, with fp16, overflowed) step."""
-    if cfg.clip_mode == "norm":
-        return torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.clip)
     grads = [p.grad for p in lm.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-    torch.nn.utils.clip_grad_value_(lm.parameters(), cfg.clip)
+    if hasattr(norm, "full_tensor"):  # --fsdp: a DTensor of partial norms, summed over the shards
+        norm = norm.full_tensor()
+    if cfg.clip_mode == "norm":
+        torch.nn.utils.clip_grads_with_norm_(lm.parameters(), cfg.clip, norm)
+    else:
+        torch.nn.utils.clip_grad_value_(lm.parameters(), cfg.clip)
     return norm
 
 
@@ -395,12 +448,12 @@ def draw_examples(windows, cfg: TrainConfig, step: int, micro: int, indices) -> 
 
 # ---- loss ---------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(lm: MusicGenLM, batches: list[dict], autocast, valid_only: bool = True) -> dict:
+def evaluate(lm: MusicGenLM, batches: list[dict], autocast, valid_only: bool = True, loss_fn=None) -> dict:
     """Target-frame loss on held-out windows, with the real context and with the context dropped:
     the gap between the two is what the context is worth to the model."""
     was_training = lm.training
     lm.eval()
-    loss_fn = StageLoss(lm, valid_only)
+    loss_fn = loss_fn or StageLoss(lm, valid_only)  # --fsdp passes its sharded root (a StageLoss)
     totals = {"val_loss": 0.0, "val_loss_nocontext": 0.0}
     lm_cfg = lm.cfg
     n_windows = 0
@@ -509,12 +562,9 @@ def save_checkpoint(out: Path, lm: MusicGenLM, base: str, step: int, cfg: TrainC
     SaveError and also keeps the last checkpoint. train_state.pt holds the optimizer, RNG and (fp16)
     loss-scaler states, tensors and numbers only."""
     out = Path(out)
-    lm_state = lm.state_dict()
+    lm_state = lora.adapter_state(lm) if cfg.lora_rank else lm.state_dict()  # LoRA: a few MB, not the whole LM
     previous = latest_checkpoint(out)
-    if previous is None:
-        kept = f"no checkpoint was saved in {out} yet"
-    else:
-        kept = f"the last good checkpoint{'' if previous == out else ' ' + previous.name} in {out} is kept"
+    kept = kept_message(out, previous)
     problem = checkpoint_problem(lm_state, loss, lm.cfg.card)
     if problem is not None:
         raise Diverged(f"step {step}: {problem}; not saved: {kept} (try a lower --lr)")
@@ -524,29 +574,89 @@ def save_checkpoint(out: Path, lm: MusicGenLM, base: str, step: int, cfg: TrainC
     state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "identity": cfg.identity()}
     if (scaled := scaler_state(scaler)) is not None:
         state["scaler"] = scaled
-    extra = {"step": step, "train": cfg.to_json()}
-    if loss is not None:
-        extra["train_loss"] = float(loss)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
-        try:
-            torch.save(state, tmp / STATE_FILE)
-            save_native(tmp, lm_state, lm.cfg, base, extra=extra)
-            for f in tmp.iterdir():
-                _fsync(f)
-            with_default_mode(tmp)
-            if (out / name).exists():  # a complete folder of a run killed before its pointer switch
-                shutil.rmtree(out / name)
-            os.rename(tmp, out / name)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        write_atomic(out / LATEST, lambda p: p.write_text(name + "\n"))
+        write_step(out, name, Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out)), state, lm_state, lm.cfg, base, cfg, loss)
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as a RuntimeError, safetensors as its own
         text = (getattr(e, "strerror", None) or str(e) or type(e).__name__).splitlines()[0]
-        raise SaveError(f"cannot save the checkpoint of step {step} in {out} ({text}; is the disk full?); "
-                        f"{kept}") from None
+        raise SaveError(f"cannot save the checkpoint of step {step} in {out} ({text}; is the disk full?); {kept}") from None
     remove_stale(out)
+
+
+def kept_message(out: Path, previous: Path | None) -> str:
+    """What a refused or failed save leaves: said in its error."""
+    if previous is None:
+        return f"no checkpoint was saved in {out} yet"
+    return f"the last good checkpoint{'' if previous == out else ' ' + previous.name} in {out} is kept"
+
+
+def write_step(out: Path, name: str, tmp: Path, state: dict, lm_state: dict, lm_cfg, base: str, cfg: TrainConfig,
+               loss: float | None = None):
+    """Fill the temporary folder tmp (other ranks' files may be in it already), rename it to step-N, switch `latest`."""
+    try:
+        torch.save(state, tmp / STATE_FILE)
+        spec = {"lora": {k: v for k, v in vars(cfg.lora_spec()).items()}} if cfg.lora_rank else {}
+        loss_record = {} if loss is None else {"train_loss": float(loss)}
+        save_native(tmp, lm_state, lm_cfg, base, extra={"step": state["step"], "train": cfg.to_json(), **spec, **loss_record})
+        for f in tmp.iterdir():
+            _fsync(f)
+        with_default_mode(tmp)
+        if (out / name).exists():  # a complete folder of a run killed before its pointer switch
+            shutil.rmtree(out / name)
+        os.rename(tmp, out / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_atomic(out / LATEST, lambda p: p.write_text(name + "\n"))
+
+
+def save_sharded(out: Path, lm: MusicGenLM, base: str, step: int, cfg: TrainConfig, optimizer, scaler=None,
+                 loss: float | None = None):
+    """--fsdp: every rank calls it. The model gathered to rank 0 and written whole; each rank's optimizer
+    shard in its own file of the same temporary step folder, renamed by rank 0 once all are written."""
+    import torch.distributed as dist
+
+    from . import sharding
+
+    out, rank = Path(out), dist.get_rank()
+    full = sharding.full_state(lm)  # collective
+    bad = torch.tensor([float(not all(bool(torch.isfinite(p.to_local()).all()) for p in lm.parameters()))])
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item():
+        raise Diverged(f"step {step}: the weights hold NaN or infinite values; not saved (the last good checkpoint in {out} is kept)")
+    name = f"step-{step:08d}"
+    if (previous := latest_checkpoint(out)) is not None and previous.name == name:
+        return
+    tmp = sharding.shared_temporary(out, name)
+    mine = {"optimizer": sharding.local_optimizer_state(optimizer), "rng": rng_state()}
+    if rank:
+        torch.save(mine, tmp / sharding.rank_file(STATE_FILE, rank))
+        _fsync(tmp / sharding.rank_file(STATE_FILE, rank))
+    dist.barrier()  # every shard is on disk before rank 0 renames the folder
+    if rank == 0:
+        trained = {n for n, p in lm.named_parameters() if p.requires_grad}
+        lm_state = {k: v for k, v in full.items() if k in trained} if cfg.lora_rank else full
+        state = {"step": step, **mine, "identity": cfg.identity(), "sharded_over": dist.get_world_size()}
+        if (scaled := scaler_state(scaler)) is not None:
+            state["scaler"] = scaled
+        write_step(out, name, tmp, state, lm_state, lm.cfg, base, cfg, loss)
+        remove_stale(out)
+    dist.barrier()
+
+
+def rank_state(out: Path, state: dict, rank: int, world: int, fsdp: bool) -> dict:
+    """The optimizer state this rank resumes from: its own shard under --fsdp (same process count)."""
+    from .sharding import rank_file
+
+    over = state.get("sharded_over")
+    if fsdp and over != world or not fsdp and over:
+        raise UsageError(f"--resume: the run in {out} was saved " + (f"sharded over {over} processes (--fsdp): resume it "
+                         f"with --fsdp and {over} processes" if over else "without --fsdp: resume it without --fsdp"))
+    if not over or rank == 0:
+        return state
+    try:
+        return safe_torch_load(latest_checkpoint(out) / rank_file(STATE_FILE, rank))
+    except LoadError as e:
+        raise UsageError(f"--resume: {e}") from None
 
 
 def check_out_not_data(out, data):
@@ -637,17 +747,32 @@ def check_resumable(out: Path, cfg: TrainConfig) -> dict:
     if state.get("step") != config["step"]:
         raise UsageError(f"--resume: {ckpt} is inconsistent (model at step {config['step']}, optimizer at step "
                          f"{state.get('step')}); an interrupted save? resume from a copy of an earlier checkpoint")
+    if ("lora" in config) != bool(cfg.lora_rank):
+        raise UsageError(f"--resume: the run in {out} trained " + ("LoRA adapters: pass its --lora-rank" if "lora" in config
+                                                                    else "the whole LM: leave --lora-rank out"))
     for k, v in cfg.identity().items():
         if state["identity"].get(k) != v:
             raise UsageError(f"--resume: the checkpoint in {out} was trained with {k}={state['identity'].get(k)!r}, not {v!r}")
     return state
 
 
-def load_for_resume(out: Path):
-    """The pipeline from a run folder's latest checkpoint (T5 and EnCodec from the base it records) and that base."""
+def load_for_resume(out: Path, cfg: TrainConfig | None = None):
+    """The pipeline from a run folder's latest checkpoint (T5 and EnCodec from the base it records) and that base.
+    A LoRA run: the base's LM with new adapters, then the run's adapters and context rows loaded into them."""
     from ..io.pretrained import from_pretrained
 
-    return from_pretrained(str(out)), read_config(latest_checkpoint(out)).get("base")
+    ckpt = latest_checkpoint(out)
+    config = read_config(ckpt)
+    if "lora" not in config:
+        return from_pretrained(str(out)), config.get("base")
+    lm_cfg = lm_config_from_native(config)
+    model, base = build_model(replace(cfg, base=config["base"], zero_special_row=lm_cfg.zero_special_row,
+                                      attend_start_step=lm_cfg.attend_start_step))
+    adapters = {k[len("lm."):]: v for k, v in read_state_dict(ckpt).items()}
+    missing, unexpected = model.lm.load_state_dict(adapters, strict=False)
+    if unexpected or set(adapters) != set(lora.adapter_state(model.lm)):
+        raise UsageError(f"--resume: the adapters in {ckpt} do not fit these LoRA options")
+    return model, base
 
 
 def log_metrics(out: Path, record: dict):
