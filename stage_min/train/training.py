@@ -66,7 +66,7 @@ class TrainConfig:
     preset: str = option("small", "tiny (random, CPU-sized) or small, medium, large (the pretrained base's LM: "
                          "facebook/musicgen-small, -medium, -large by default)", one_of(*PRESETS), choices=PRESETS)
     base: str = option("", "model folder or hub id for T5, EnCodec (and the LM of small/medium/large); "
-                       "default: facebook/musicgen-PRESET (tiny: facebook/musicgen-small)")
+                       "(default: facebook/musicgen-PRESET; tiny: facebook/musicgen-small)")
     max_steps: int = option(10000, "optimizer steps (the original: up to 100k, 24 h cap)", at_least(1))
     batch_size: int = option(8, "global batch per optimizer step, split over processes (the original: 2 x 4 accumulation)", at_least(1))
     grad_accum: int = option(1, "micro-batches per step, to fit the batch in memory", at_least(1))
