@@ -105,8 +105,8 @@ MUTATIONS = [
     Mutation(
         "checkpoint-in-place", "save_checkpoint writes step-N/ in place (no temporary folder; `latest` still switches last)",
         "stage_min/train/training.py",
-        [('    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))\n',
-          '    tmp = out / name\n    tmp.mkdir(exist_ok=True)\n'),
+        [('write_step(out, name, Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out)), ',
+          'write_step(out, name, (out / name).mkdir(exist_ok=True) or out / name, '),
          ("        if (out / name).exists():  # a complete folder of a run killed before its pointer switch\n"
           "            shutil.rmtree(out / name)\n        os.rename(tmp, out / name)\n", "        pass\n")],
         ["tests/test_loss_and_saves.py"],
