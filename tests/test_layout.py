@@ -126,6 +126,16 @@ def test_sizes():
     assert size <= LIMITS["function_lines"], where
 
 
+def test_readme_reading_path_names_the_core_with_its_sizes():
+    """README's "Reading the code" table lists every core file, in order, with its line count (within 10)."""
+    import re
+
+    rows = re.findall(r"^\| \[stage_min/(\w+)\.py\]\(stage_min/\w+\.py\) \| (\d+) \|", (ROOT / "README.md").read_text(), flags=re.M)
+    assert {f"stage_min.{name}" for name, _ in rows} == CORE
+    for name, count in rows:
+        assert abs(len((PACKAGE / f"{name}.py").read_text().splitlines()) - int(count)) <= 10, name
+
+
 def test_nothing_cites_a_file_outside_the_repository():
     """Code, tests and docs cite the project's own files (docs/original.md holds the original's facts)."""
     outside = ("REFERENCE" + ".md", "../" + "shared/", "shared/" + "seeds")  # split: this file cites none either
