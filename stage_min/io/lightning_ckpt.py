@@ -189,6 +189,10 @@ def restricted_torch_load(path: Path, mmap: bool = False):
     try:
         with open(path, "rb") as f:
             zipped = f.read(4) == b"PK\x03\x04"
+        # weights_only=False hands unpickling to pickle_module: every global goes through
+        # RestrictedUnpickler.find_class (torch's wrapper only maps storage names), never a plain unpickler.
+        # weights_only=True cannot turn the original's classes into records; tests/test_original_ckpt.py
+        # plants 21 payloads and checks that none runs.
         if mmap and zipped:
             return torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_PickleModule, mmap=True)
         with open(path, "rb") as f:
