@@ -64,8 +64,8 @@ def sample(logits: torch.Tensor, sc: SamplingConfig, generator: torch.Generator 
 def guidance_batch(conditional: tuple, unconditional: tuple | None) -> tuple:
     """The row layout of classifier-free guidance, the one place it is decided:
 
-        rows 0 .. B-1     conditional     the prompt's text   the context (STAGE)      \  the same sampled
-        rows B .. 2B-1    unconditional   the null text       no context (blanked)     /  tokens: row b, B+b
+        rows 0 .. B-1     conditional     the prompt's text   the context (STAGE)      } the same sampled
+        rows B .. 2B-1    unconditional   the null text       no context (blanked)     } tokens: row b, B+b
 
     Each step, `guided` mixes the two halves' logits into B rows, one token per codebook is sampled
     for each, and generate_tokens writes it into both row b and row B + b. The null text is all zeros,
@@ -105,8 +105,8 @@ def generate_tokens(
 
     grid, known (R, K, S): token ids, taken as given where `known` is true (start step, delay gaps,
     a prefix); rows as guidance_batch lays them out (R = B, or 2B with guidance). text (B, L, dim)
-    projected, text_mask (B, L): the B conditional rows' text (the others get the null text). keep (R, P): which of the first P steps exist
-    (P = the prefilled part), None for all. step_fn replaces lm.decode_step (e.g. `compiled_step(lm)`).
+    projected, text_mask (B, L): the B conditional rows' text (the others get the null text).
+    keep (R, P): which of the first P steps exist (P = the prefilled part), None for all. step_fn replaces lm.decode_step (e.g. `compiled_step(lm)`).
     free_cache=False leaves the static cache allocated, for the next generation of the same size to
     reuse in place (what a CUDA-graph step wants).
     """
