@@ -37,6 +37,7 @@ from stage_min.cli.options import OneLineParser
 from stage_min.generate import SamplingConfig, compiled_step, fast_cpu_decode, generate_tokens
 from stage_min.io.loading import lm_config_from_hf, lm_state_from_hf, load_strict
 from stage_min.model import LMConfig, MusicGenLM
+from stage_min.stage import StageLoss, target_loss
 
 PROMPT_TOKENS = 12  # a typical prompt length in t5 tokens
 
@@ -284,7 +285,6 @@ def train_step_fn(variant: str, preset: LMConfig, batch: int, frames: int, conte
     projection in front; it makes logits for every step). The separator is the special id here:
     transformers' embedding has no row for STAGE's context token, and the cost is the same.
     Returns (step, n_params)."""
-    from stage_min.train import training as T
     from stage_min.stage import build_sequence
 
     hf = hf_model(preset)
@@ -305,14 +305,14 @@ def train_step_fn(variant: str, preset: LMConfig, batch: int, frames: int, conte
         def forward():
             logits = decoder(input_ids=grid.reshape(batch * K, S), encoder_hidden_states=proj(states),
                              encoder_attention_mask=mask.long()).logits.view(batch, K, S, -1)
-            return T.target_loss(logits, grid, target)
+            return target_loss(logits, grid, target)
     else:
         lm = our_lm(hf).to(device).train()
         if "lora" in variant:  # train.py --lora-rank 16 (the default targets: q, k, v, out)
             from stage_min.train.lora import LoraSpec, add_adapters
             add_adapters(lm, LoraSpec(16, 32.0))
         lm.checkpoint_blocks = "ckpt" in variant  # train.py --checkpoint-activations
-        params, loss_fn = [p for p in lm.parameters() if p.requires_grad], T.StageLoss(lm)
+        params, loss_fn = [p for p in lm.parameters() if p.requires_grad], StageLoss(lm)
 
         def forward():
             return loss_fn(grid, keep, target, states, mask)

@@ -28,6 +28,7 @@ from stage_min.io.loading import LoadError
 from stage_min.train.memory import plan_text
 from stage_min.train.sharding import load_optimizer_shard, shard
 from stage_min.train.options import add_options, given_options
+from stage_min.stage import StageLoss
 
 
 def parse_args(argv=None) -> tuple[T.TrainConfig, bool]:
@@ -71,7 +72,7 @@ class Run:
     base: str = ""
     optimizer: torch.optim.Optimizer = None
     scaler: torch.amp.GradScaler = None
-    loss_fn: torch.nn.Module = None  # T.StageLoss, wrapped in DDP across processes
+    loss_fn: torch.nn.Module = None  # stage.StageLoss, wrapped in DDP across processes
     autocast: object = contextlib.nullcontext
     precision: str = "fp32"  # what the steps run in (CPU runs fp32 whatever --precision says)
     fsdp: bool = False  # the LM sharded over the processes (--fsdp under torchrun), not replicated by DDP
@@ -158,7 +159,7 @@ def build_model(run: Run, state: dict | None):
     T.freeze_for_training(run.model)
     run.model.lm.checkpoint_blocks = cfg.checkpoint_activations
     if run.fsdp:  # before the optimizer: it holds the shards
-        run.loss_fn = shard(T.StageLoss(run.model.lm, cfg.valid_steps_only), run.device)
+        run.loss_fn = shard(StageLoss(run.model.lm, cfg.valid_steps_only), run.device)
     run.optimizer = T.make_optimizer(run.model.lm, cfg, fused=run.device.type == "cuda")
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.precision) if run.device.type == "cuda" else None
     run.autocast = (lambda: torch.autocast("cuda", dtype=half)) if half is not None else contextlib.nullcontext

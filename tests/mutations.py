@@ -190,7 +190,7 @@ def main(argv=None):
             rows.append((m, status, caught_by))
             print(f"{m.name}: {status} ({time.time() - t0:.0f} s) {caught_by}", flush=True)
             shutil.rmtree(folder, ignore_errors=True)
-    print(f"\n| mutation | file | result | tests that failed (how many cases) |\n|---|---|---|---|")
+    print("\n| mutation | file | result | tests that failed (how many cases) |\n|---|---|---|---|")
     for m, status, caught_by in rows:
         print(f"| `{m.name}`: {m.description} | {m.file} | {status} | {caught_by} |")
     print(f"\n{sum(s == 'caught' for _, s, _ in rows)}/{len(rows)} caught in {time.time() - start:.0f} s")

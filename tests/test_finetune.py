@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import build_tiny_hf
-from stage_min.io.loading import read_state_dict
 from stage_min.io.pretrained import from_pretrained
 from stage_min.toy import synth, tiny
 from stage_min.train import lora
@@ -149,7 +148,7 @@ def test_lora_resume_sample_and_errors(setup, tmp_path, capsys):
 
 def test_activation_checkpointing_gives_the_same_gradients():
     from stage_min.model import LMConfig, MusicGenLM
-    from stage_min.stage import build_sequence
+    from stage_min.stage import StageLoss, build_sequence
 
     torch.manual_seed(0)
     lm = MusicGenLM(LMConfig(dim=64, n_layers=2, n_heads=2, card=32, n_special=2, text_dim=16, ffn_dim=128))
@@ -160,7 +159,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
     for on in (False, True):
         lm.checkpoint_blocks = on
         lm.zero_grad()
-        T.StageLoss(lm)(seq.grid, seq.keep, seq.target, states, mask).backward()
+        StageLoss(lm)(seq.grid, seq.keep, seq.target, states, mask).backward()
         grads.append([p.grad.clone() for p in lm.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)

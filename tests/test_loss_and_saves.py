@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch.nn as nn
 
 from stage_min.io import loading
 from stage_min.model import LMConfig, MusicGenLM
+from stage_min.stage import StageLoss
 from stage_min.train import training as T
 from stage_min.train.data import Example
 
@@ -78,7 +78,7 @@ def loss_of(model, contexts, targets, logits=None):
     batch = T.make_batch(model, examples, [False] * len(examples), [False] * len(examples), "cpu")
     if logits is None:
         logits = torch.randn(*batch["grid"].shape, model.lm.cfg.card, generator=torch.Generator().manual_seed(0))
-    loss = T.StageLoss(FixedLogits(model.lm, logits))(batch["grid"], batch["keep"], batch["target"], batch["states"], batch["mask"])
+    loss = StageLoss(FixedLogits(model.lm, logits))(batch["grid"], batch["keep"], batch["target"], batch["states"], batch["mask"])
     return loss.item(), batch, logits
 
 

@@ -328,7 +328,7 @@ def test_code_cache_cuts_the_same_windows_and_trains(setup, tmp_path):
 def test_loss_from_target_logits_only_equals_the_full_loss():
     """StageLoss makes logits for target steps only; the loss (and its gradient) is that of full logits."""
     from stage_min.model import LMConfig, MusicGenLM
-    from stage_min.stage import build_sequence, first_target_logit
+    from stage_min.stage import StageLoss, build_sequence, first_target_logit, target_loss
 
     torch.manual_seed(0)
     cfg = LMConfig(dim=64, n_layers=2, n_heads=2, card=32, n_special=2, text_dim=16, ffn_dim=128)
@@ -339,9 +339,9 @@ def test_loss_from_target_logits_only_equals_the_full_loss():
     states, mask = torch.randn(3, 5, 16), torch.ones(3, 5, dtype=torch.bool)
     first = first_target_logit(seq.target)
     assert first == 10  # the separator: the start step and 9 context steps come before it
-    fast = T.StageLoss(lm)(seq.grid, seq.keep, seq.target, states, mask)
+    fast = StageLoss(lm)(seq.grid, seq.keep, seq.target, states, mask)
     (g_fast,) = torch.autograd.grad(fast, lm.layers[0].ffn_in.weight)
-    full = T.target_loss(lm(seq.grid, lm.project_text(states, mask), mask, seq.keep), seq.grid, seq.target)
+    full = target_loss(lm(seq.grid, lm.project_text(states, mask), mask, seq.keep), seq.grid, seq.target)
     (g_full,) = torch.autograd.grad(full, lm.layers[0].ffn_in.weight)
     assert abs(fast.item() - full.item()) < 1e-6 and full.item() > 1
     torch.testing.assert_close(g_fast, g_full)

@@ -27,7 +27,7 @@ from ..model import MusicGenLM
 
 
 def shard(loss_fn, device: torch.device):
-    """Shard T.StageLoss(lm) in place: the loss module is the root, so that the text projection (called
+    """Shard stage.StageLoss(lm) in place: the loss module is the root, so that the text projection (called
     before the LM's forward) and the LM run under one root's forward; returns it."""
     mesh = dist.device_mesh.init_device_mesh(device.type, (dist.get_world_size(),))
     lm = loss_fn.lm

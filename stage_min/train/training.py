@@ -26,7 +26,7 @@ from ..io.loading import (LATEST, MAX_ABS_WEIGHT, LoadError, follow_latest, is_n
 from ..io.metronome import click_track
 from ..model import LMConfig, MusicGenLM
 from ..songs import encode_contexts
-from ..stage import StageLoss, build_sequence, first_target_logit, target_loss  # noqa: F401 (T.target_loss, T.StageLoss, T.first_target_logit)
+from ..stage import StageLoss, build_sequence
 
 STATE_FILE = "train_state.pt"  # optimizer, step and RNG states, beside the model files
 METRICS_FILE = "metrics.jsonl"
