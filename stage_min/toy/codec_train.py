@@ -56,12 +56,11 @@ def codec_config(cfg: CodecTrainConfig) -> EncodecConfig:
     )
 
 
-def training_audio(n_songs: int, seconds: float, seed: int, style: synth.Style = synth.TOY) -> list[np.ndarray]:
+def training_audio(n_songs: int, seconds: float, seed: int, style: synth.Style = synth.TOY_GM) -> list[np.ndarray]:
     """Clips of every kind the toy model meets: each stem, the context mix, the full mix, clicks."""
     rng = np.random.default_rng(seed)
     clips = []
-    for _ in range(n_songs):
-        song = synth.make_song(rng, seconds, SAMPLE_RATE, style)
+    for song in synth.make_songs(rng, n_songs, seconds, SAMPLE_RATE, style):
         times = np.array([t for t, _ in song["beats"]])
         down = np.array([p == 1 for _, p in song["beats"]])
         clicks = click_track(times, seconds, sample_rate=SAMPLE_RATE, downbeats=down)

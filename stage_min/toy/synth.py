@@ -25,6 +25,7 @@ from ..cli.options import OneLineParser
 SAMPLE_RATE = 32000
 FRAME = 640  # EnCodec 32 kHz hop: onsets on this grid
 NOTES = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
+KICK, SNARE, HAT = 36, 38, 42  # General MIDI drum notes of the events (gm.py plays them)
 P_KICK = 0.4  # chance of a kick on each eighth note but the first of the bar (always one)
 
 
@@ -66,6 +67,11 @@ def pad(freqs, seconds, sr=SAMPLE_RATE):
     return 0.08 * wave * fade
 
 
+def _event(part_events, start, length, note, velocity):
+    if velocity >= 1:
+        part_events.append((int(start), int(length), int(note), int(min(127, velocity))))
+
+
 def _add(track, start, sound):
     end = min(len(track), start + len(sound))
     if start < end:
@@ -92,10 +98,13 @@ class Style:
     offbeat_hats: float = 1.0  # level of the hats between beats (eighths, and sixteenths when busy)
     p_tempo_change: float = 0.0  # chance that a bar starts a new tempo (with `bpm`): the drums' own past
     # then cannot tell when the next beat falls, only the context can
+    sounds: str = "synth"  # "synth": the numpy one-shots below; "gm": sampled instruments (gm.py), the
+    # same notes played by FluidSynth on General MIDI kits and programs (numpy's when FluidSynth is absent)
 
 
 TOY = Style(bpm=(70.0, 180.0), meters=(3, 4, 5), kits=tuple(KITS), kick_on_beats=True, p_kick=0.2, offbeat_hats=0.0)
 TOY_TEMPO_CHANGES = replace(TOY, p_tempo_change=0.5)  # songs where only the context says when the next beat falls
+TOY_GM = replace(TOY, sounds="gm")  # the toy's songs with sampled instruments: what weights/stage-toy hears today
 
 
 def make_song(rng: np.random.Generator, seconds: float, sr: int = SAMPLE_RATE, style: Style = Style()) -> dict:
@@ -120,6 +129,7 @@ def make_song(rng: np.random.Generator, seconds: float, sr: int = SAMPLE_RATE, s
     third = 3 if minor else 4
     n = int(seconds * sr)
     drums, bass, chords = (np.zeros(n) for _ in range(3))
+    events = {"drums": [], "bass": [], "chords": []}  # (start sample, length, MIDI note, velocity): for gm.py
     offset = int(rng.integers(0, 4)) * FRAME  # first downbeat a few frames in
     eighth = period // 2
     beats, positions = [], []
@@ -129,6 +139,7 @@ def make_song(rng: np.random.Generator, seconds: float, sr: int = SAMPLE_RATE, s
     progression = [0, 5, 7, 3 if minor else 9]  # i-iv-v-(VI/vi) in semitones
     bar = 0
     start = offset
+    chord_roots = []  # (time s, pitch class of the bar's chord root): what the bass should play
     while start < n:
         if bar and style.p_tempo_change and rng.random() < style.p_tempo_change:  # a new tempo from this bar on
             period = int(round(60 * sr / rng.uniform(*style.bpm)))
@@ -137,25 +148,39 @@ def make_song(rng: np.random.Generator, seconds: float, sr: int = SAMPLE_RATE, s
             beats.append((start + b * period) / sr)
             positions.append(b + 1)
         shift = progression[bar % 4]
+        chord_roots.append((start / sr, (root + shift) % 12))
         # a new kick pattern every bar: the drums' own past does not tell where the next kick
         # falls, the bass (which plays on every kick) does
         pattern = [0] + [e for e in range(1, 2 * per_bar) if (style.kick_on_beats and e % 2 == 0) or rng.random() < style.p_kick]
+        root_note = 33 + (root - 9) % 12 + shift  # MIDI note of the bar's root: A1 = 33
         for e in range(2 * per_bar):
             t = start + e * eighth
-            _add(drums, t, hat_hit if e % 2 == 0 else style.offbeat_hats * hat_hit)
+            hat_level = 1.0 if e % 2 == 0 else style.offbeat_hats
+            _add(drums, t, hat_level * hat_hit)
+            _event(events["drums"], t, FRAME * 4, HAT, 75 * hat_level)
             if busy:  # (the original songs snap the sixteenth to the frame grid)
-                _add(drums, t + (eighth // 2 if style.bpm else eighth // 2 // FRAME * FRAME), style.offbeat_hats * hat_hit)
+                t16 = t + (eighth // 2 if style.bpm else eighth // 2 // FRAME * FRAME)
+                _add(drums, t16, style.offbeat_hats * hat_hit)
+                _event(events["drums"], t16, FRAME * 4, HAT, 60 * style.offbeat_hats)
             if e in pattern:
                 _add(drums, t, kick_hit)
                 _add(bass, t, pluck(root_hz * 2 ** (shift / 12) * 2, eighth / sr * 1.5))
+                _event(events["drums"], t, FRAME * 8, KICK, 115)
+                _event(events["bass"], t, int(eighth * 0.9), root_note + 12, 105)  # the pluck's octave
             if e % 4 == 2:  # snare on the even beats (2 and 4 in 4/4)
                 _add(drums, t, snare_hit)
+                _event(events["drums"], t, FRAME * 8, SNARE, 105)
         chord = [root_hz * 4 * 2 ** ((shift + iv) / 12) for iv in (0, third, 7)]
+        chord_notes = [root_note + 24 + iv for iv in (0, third, 7)]
         if busy:
             for e in range(2 * per_bar):
                 _add(chords, start + e * eighth, pad(chord, 0.7 * eighth / sr))
+                for note in chord_notes:
+                    _event(events["chords"], start + e * eighth, int(0.7 * eighth), note, 80)
         else:
             _add(chords, start, pad(chord, per_bar * period / sr))
+            for note in chord_notes:
+                _event(events["chords"], start, per_bar * period - FRAME, note, 80)
         start += per_bar * period
         bar += 1
     beats_in = [(t, p) for t, p in zip(beats, positions) if t < seconds]
@@ -166,27 +191,67 @@ def make_song(rng: np.random.Generator, seconds: float, sr: int = SAMPLE_RATE, s
         caption = f"Genres: {KITS[kit_name]['genres']}. Moods: {mood}. "
     else:
         caption = f"{pace} groove with drums, bass and chords in {name}"
-    return {"drums": drums.astype(np.float32), "bass": bass.astype(np.float32), "chords": chords.astype(np.float32),
-            "beats": beats_in, "caption": caption, "bpm": bpm, "beats_per_bar": per_bar}
+    song = {"drums": drums.astype(np.float32), "bass": bass.astype(np.float32), "chords": chords.astype(np.float32),
+            "beats": beats_in, "caption": caption, "bpm": bpm, "beats_per_bar": per_bar,
+            "chord_roots": chord_roots, "events": {part: [e for e in ev if e[0] < n] for part, ev in events.items()}}
+    if style.sounds == "gm":  # drawn last, so that the notes are those of the numpy song of the same seed
+        from .gm import BASS_PROGRAMS, CHORD_PROGRAMS, DRUM_KITS
+
+        kits = DRUM_KITS[kit_name] if style.kits else DRUM_KITS["rock"]
+        song["programs"] = {"drums": int(kits[int(rng.integers(len(kits)))]),
+                            "bass": int(BASS_PROGRAMS[int(rng.integers(len(BASS_PROGRAMS)))]),
+                            "chords": int(CHORD_PROGRAMS[int(rng.integers(len(CHORD_PROGRAMS)))])}
+    return song
 
 
 def write_dataset(folder, n_songs: int, seconds: float = 20.0, seed: int = 0, sr: int = SAMPLE_RATE, style: Style = Style()):
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for first in range(0, n_songs, RENDER_BATCH):
+        songs = make_songs(rng, min(RENDER_BATCH, n_songs - first), seconds, sr, style)
+        for i, song in enumerate(songs, start=first):
+            _write_song(folder / f"song_{i:03d}", song, sr)
+    return folder
+
+
+RENDER_BATCH = 200  # songs drawn, and rendered by FluidSynth, at a time
+
+
+def make_songs(rng: np.random.Generator, n_songs: int, seconds: float, sr: int = SAMPLE_RATE, style: Style = Style()) -> list:
+    """`n_songs` songs of make_song; with `style.sounds == "gm"` played on sampled instruments (gm.py),
+    or, where FluidSynth is absent, with the numpy sounds and a warning."""
+    from . import gm
+
+    songs = [make_song(rng, seconds, sr, style) for _ in range(n_songs)]
+    if style.sounds == "gm":
+        if gm.available():
+            gm.render_songs(songs, seconds, sr)
+        else:
+            warn_once("FluidSynth or a GM soundfont is missing: the songs use the numpy synth's sounds "
+                      "(apt install fluidsynth timgm6mb-soundfont; pip install mido)")
+    return songs
+
+
+_warned = set()
+
+
+def warn_once(message: str):
+    if message not in _warned:
+        _warned.add(message)
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def _write_song(d: Path, song: dict, sr: int):
     import soundfile as sf
 
     from ..train.data import format_beats
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n_songs):
-        song = make_song(rng, seconds, sr, style)
-        d = folder / f"song_{i:03d}"
-        d.mkdir(exist_ok=True)
-        for stem in ("drums", "bass", "chords"):
-            sf.write(d / f"{stem}.wav", np.clip(song[stem], -1, 1), sr, subtype="PCM_16")
-        (d / "beats.txt").write_text(format_beats(*zip(*song["beats"])))
-        (d / "caption.txt").write_text(song["caption"] + "\n")
-    return folder
+    d.mkdir(exist_ok=True)
+    for stem in ("drums", "bass", "chords"):
+        sf.write(d / f"{stem}.wav", np.clip(song[stem], -1, 1), sr, subtype="PCM_16")
+    (d / "beats.txt").write_text(format_beats(*zip(*song["beats"])))
+    (d / "caption.txt").write_text(song["caption"] + "\n")
 
 
 MAX_SECONDS = 600.0  # ten minutes a song: enough for any test; a limit keeps a typo from filling the disk
