@@ -63,30 +63,40 @@ def test_codec_recipe_runs_and_fits_codebooks():
 
 
 def test_toy_rebuild_command_runs_a_few_steps(tmp_path):
-    """`python -m stage_min.toy` end to end at toy-of-a-toy size: songs, codec, base, LM, package."""
+    """`python -m stage_min.toy` end to end at toy-of-a-toy size: songs, codec, base, both LMs, package;
+    then resumed: every phase is found done, and the report lists their times."""
     from stage_min.toy import recipe as toy
     from stage_min.io.pretrained import from_pretrained
 
-    out = tmp_path / "model"
-    toy.main([str(out), "--work", str(tmp_path / "work"), "--songs", "5", "--song-seconds", "5", "--steps", "2", "--no-eval",
-              "--codec-steps", "2", "--codec-songs", "1", "--fresh-songs", "4", "--fresh-steps", "1",
-              "--cooldown-steps", "1", "--cooldown-lr", "5e-4"])
-    config = json.loads((out / "config.json").read_text())
-    # 2 steps, then 1 on fresh songs, then 1 of cooldown
-    assert config["window_seconds"] == toy.WINDOW_SECONDS and config["trained_steps"] == 4
-    assert config["sampling"] == {"temperature": toy.TEMPERATURE}  # the toy's own, used unless one is given
-    metrics = [json.loads(line) for line in (tmp_path / "work" / "lm" / "metrics.jsonl").read_text().splitlines()]
-    lrs = {m["step"]: m["lr"] for m in metrics if "lr" in m}
-    assert lrs[2] == 1e-3 and lrs[4] == 5e-4  # the cooldown step (the fresh phase's last) ran at its own lr
-    fresh = sorted(p.name for p in (tmp_path / "work" / "fresh-songs").glob("song_*"))
-    assert len(fresh) == 4  # drawn with seed + 1: not the first phase's songs
-    first = tmp_path / "work" / "songs"
-    assert (first / "song_000" / "drums.wav").read_bytes() != (tmp_path / "work" / "fresh-songs" / "song_000" / "drums.wav").read_bytes()
-    model = from_pretrained(str(out))
-    assert model.window_frames == round(toy.WINDOW_SECONDS * 50) and model.lm.cfg.card == 256
-    assert model.sampling.temperature == toy.TEMPERATURE
-    audio, codes = model.accompany([torch.zeros(32000)], [""], 25, seed=0)
-    assert audio.shape == (1, 1, 25 * 640) and codes.shape == (1, 4, 25)
+    out, work = tmp_path / "model", tmp_path / "work"
+    args = [str(out), "--work", str(work), "--songs", "5", "--song-seconds", "5", "--steps", "3", "--no-eval",
+            "--codec-steps", "2", "--codec-songs", "1", "--cooldown-steps", "1", "--cooldown-lr", "5e-4"]
+    toy.main(args)
+    for folder, target, context in ((out, "drums", "bass,chords"), (tmp_path / "model-bass", "bass", "drums,chords")):
+        config = json.loads((folder / "config.json").read_text())
+        assert config["window_seconds"] == toy.WINDOW_SECONDS and config["trained_steps"] == 3
+        assert config["sampling"] == {"temperature": toy.TEMPERATURE}  # the toy's own, used unless one is given
+        model = from_pretrained(str(folder))
+        assert model.window_frames == round(toy.WINDOW_SECONDS * 50) and model.lm.cfg.card == 256
+        audio, codes = model.accompany([torch.zeros(32000)], [""], 25, seed=0)
+        assert audio.shape == (1, 1, 25 * 640) and codes.shape == (1, 4, 25)
+        run = work / f"lm-{target}"
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert {m["step"]: m["lr"] for m in metrics if "lr" in m}[3] == 5e-4  # the last step is the cooldown's
+        train = json.loads((run / "latest" / "config.json").read_text())["train"]
+        assert train["data_cfg"]["target"] == target and train["data_cfg"]["context_stems"] == context.split(",")
+        assert train["lr"] == 1e-3 and train["cooldown_steps"] == 1
+    codec_report = json.loads((work / "codec" / "report.json").read_text())
+    assert set(codec_report) == {"drums", "bass", "chords", "bass+chords", "mix"}
+    phases = json.loads((work / "phases.json").read_text())
+    assert list(phases) == ["songs", "codec", "base", "lm", "package"]
+    assert all(v["done"] and v["seconds"] >= 0 for v in phases.values())
+    before = (out / "model.safetensors").read_bytes()
+    toy.main(args)  # resumed: nothing is redone, nothing is refused
+    assert (out / "model.safetensors").read_bytes() == before
+    assert json.loads((work / "phases.json").read_text()) == phases
+    report = toy.report(work)
+    assert "lm " in report and "in all:" in report
 
 
 @pytest.mark.skipif(not (TOY / "config.json").exists(), reason="weights/stage-toy is not built")
@@ -192,7 +202,8 @@ def test_shipped_toy_follows_a_click_track():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--fresh-steps", "-1"], "--fresh-steps must be >= 0"),
+    (["--cooldown-steps", "5", "--steps", "5"], "--cooldown-steps must be below --steps"),
+    (["--probe", "/nonexistent"], "no such folder"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--cooldown-steps", "-1"], "--cooldown-steps must be >= 0"),
     (["--cooldown-lr", "nan"], "--cooldown-lr must be > 0"),
