@@ -1,11 +1,12 @@
-"""Measure whether generated stems play along with their context (beat F-measure, FAD, KAD).
+"""Measure whether generated stems play along with their context (beat F-measure, FAD, KAD, pitch agreement).
 
     python evaluate.py beats AUDIO (--bpm 120 [--offset 0] | --beats beats.txt) [--tracker librosa|beat_this]
-    python evaluate.py tempo --model M --bpm 100,110,120,130,140,150,160,170 --seeds 3 --seconds 10 --out DIR [--prompt ...]
-    python evaluate.py accompany --model M --data DIR --target drums --out DIR2 [--songs N] [--seconds S]
+    python evaluate.py tempo --model M --bpm 100,110,120,130,140,150,160,170 [--meter 3,4,5] --seeds 3 --seconds 10 --out DIR [--prompt ...]
+    python evaluate.py accompany --model M --data DIR --target drums --out DIR2 [--split held-out|all] [--songs N] [--seconds S]
+    python evaluate.py context --model M --audio FILE_OR_DIR [--target drums] [--seconds 10] --out DIR3 [--prompt ...]
 
-beats prints one JSON line. tempo and accompany write DIR/results.json, DIR/results.csv, DIR/report.png
-and the audio under DIR/audio/. docs/evaluation.md lists every field.
+beats prints one JSON line. tempo, accompany and context write DIR/results.json, DIR/results.csv,
+DIR/report.png and the audio under DIR/audio/. docs/evaluation.md lists every field.
 """
 import importlib.util
 import json
@@ -18,11 +19,12 @@ import numpy as np
 
 from stage_min.io.audio import AudioError, load_audio
 from stage_min.cli.options import (OneLineParser, add_sampling_options, check_sampling, sampling_given, warnings_via_tqdm)
-from stage_min.eval.evaluation import TRACKERS, EvalError, check_seconds
+from stage_min.eval.evaluation import SPLITS, TRACKERS, EvalError, check_seconds
 
 SAMPLE_RATE = 32000  # `beats` scores audio at EnCodec's rate, as the experiments do
 MAX_BPM = 1000.0  # as sample.py: faster than any music; a limit also keeps the reference's size sane
 MAX_BEATS_BYTES = 16 << 20  # a beats.txt of a few hours is well under 1 MiB
+MAX_METER = 16  # beats per bar: more is no meter a click track can convey
 
 
 def add_model_options(p):
@@ -50,16 +52,28 @@ def parse_args(argv=None):
     t.add_argument("--seeds", type=int, default=3, help="stems per tempo (seeds FIRST..FIRST+N-1)")
     t.add_argument("--first-seed", type=int, default=0, help="FIRST: start the seeds here, e.g. a sealed range no "
                    "checkpoint, temperature or recipe was chosen on")
+    t.add_argument("--meter", default="4", help="comma-separated beats per bar of the click tracks (which clicks are "
+                   "downbeats), e.g. 3,4,5: every tempo with every meter")
     t.add_argument("--seconds", type=float, default=10.0, help="length of each stem")
     t.add_argument("--prompt", default="", help="text prompt for every stem (default: empty)")
-    a = sub.add_parser("accompany", help="stems for held-out songs of a dataset, scored against the songs")
+    a = sub.add_parser("accompany", help="stems for the songs of a dataset (train.py's held-out ones, or all), scored against the songs")
     add_model_options(a)
     a.add_argument("--data", required=True, help="dataset folder (the layouts train.py reads)")
     a.add_argument("--target", required=True, help="stem to generate: drums, bass, ...")
-    a.add_argument("--songs", type=int, default=None, help="at most this many held-out songs (default: all)")
-    a.add_argument("--seconds", type=float, default=10.0, help="window per song")
+    a.add_argument("--split", default="held-out", choices=SPLITS, help="held-out: the songs train.py holds "
+                   "out of --data; all: every song of --data (a sealed set's own folder, which no run trained on)")
+    a.add_argument("--songs", type=int, default=None, help="at most this many songs (default: all)")
+    a.add_argument("--seconds", type=float, default=10.0, help="window per song (past 14.98 s only for a model that "
+                   "generates in windows, e.g. the toy: --seconds 60 scores whole 60 s songs)")
     a.add_argument("--prompt", default=None, help="text prompt (default: each song's caption.txt, else empty)")
     a.add_argument("--seed", type=int, default=0, help="sampling seed")
+    c = sub.add_parser("context", help="stems for any recordings as contexts, scored against the beats tracked on them")
+    add_model_options(c)
+    c.add_argument("--audio", required=True, help="an audio file, or a folder: its .wav, .flac and .mp3 files, sorted")
+    c.add_argument("--target", default="drums", help="stem to generate: drums, bass, ...")
+    c.add_argument("--seconds", type=float, default=10.0, help="the first seconds of each file (a shorter file: all of it)")
+    c.add_argument("--prompt", default="", help="text prompt where a file has no NAME-desc.txt or NAME.txt beside it (default: empty)")
+    c.add_argument("--seed", type=int, default=0, help="sampling seed")
     return p.parse_args(argv)
 
 
@@ -75,6 +89,21 @@ def parse_bpms(text: str) -> list[float]:
             raise EvalError(f"--bpm: every tempo must be > 0 and at most {MAX_BPM:g}, got {item.strip()}")
         bpms.append(bpm)
     return bpms
+
+
+def parse_meters(text: str) -> list[int]:
+    meters = []
+    for item in text.split(","):
+        try:
+            meter = int(item)
+        except ValueError:
+            raise EvalError(f"--meter: {item.strip()!r} is not a whole number (want e.g. 3,4,5)") from None
+        if not 1 <= meter <= MAX_METER:
+            raise EvalError(f"--meter: every meter must be 1 to {MAX_METER} beats a bar, got {item.strip()}")
+        if meter in meters:
+            raise EvalError(f"--meter: {meter} is given twice")
+        meters.append(meter)
+    return meters
 
 
 def check_common(args):
@@ -120,7 +149,7 @@ def load_model(args):
     return model
 
 
-# ---- the three commands -------------------------------------------------------------------------
+# ---- the four commands --------------------------------------------------------------------------
 def run_beats(args):
     from stage_min.eval import evaluation as E
 
@@ -161,7 +190,7 @@ def run_beats(args):
 def run_tempo(args):
     from stage_min.eval import evaluation as E
 
-    bpms = parse_bpms(args.bpm)
+    bpms, meters = parse_bpms(args.bpm), parse_meters(args.meter)
     if args.seeds < 1:
         raise EvalError(f"--seeds must be >= 1, got {args.seeds}")
     if not 0 <= args.first_seed <= 2**63 - 1 - args.seeds:
@@ -171,9 +200,11 @@ def run_tempo(args):
     sampling = model.sampling_with(**sampling_given(args))
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     results = E.tempo_experiment(model, bpms, seeds, args.seconds, args.prompt, args.out, sampling,
-                                 args.tracker, args.batch_size)
+                                 args.tracker, args.batch_size, meters=meters)
+    per_meter = "".join(f"; {m['meter']} beats a bar: {m['f_measure']:.3f} / {m['f_measure_nocontext']:.3f}"
+                        for m in results["per_meter"]) if len(meters) > 1 else ""
     finish({"model": args.model, "sampling": asdict(sampling), **results}, args.out,
-           f"beat F-measure {results['mean']:.3f} with the click track, {results['mean_nocontext']:.3f} without")
+           f"beat F-measure {results['mean']:.3f} with the click track, {results['mean_nocontext']:.3f} without" + per_meter)
 
 
 def run_accompany(args):
@@ -182,17 +213,41 @@ def run_accompany(args):
     if args.songs is not None and args.songs < 1:
         raise EvalError(f"--songs must be >= 1, got {args.songs}")
     check_common(args)
-    val_fraction, split_seed = E.train_split(args.model)
-    E.held_out_songs(args.data, args.target.lower(), val_fraction, split_seed)  # a bad --data fails before the model loads
+    # the held-out split is the one recorded in the model's run folder; a sealed set (--split all) needs none
+    val_fraction, split_seed = E.train_split(args.model) if args.split == "held-out" else (0.0, 0)
+    E.eval_songs(args.data, args.target.lower(), args.split, val_fraction, split_seed)  # a bad --data fails before the model loads
     model = load_model(args)
     sampling = model.sampling_with(**sampling_given(args))
     results = E.accompany_experiment(model, args.data, args.target.lower(), args.out, args.songs, args.seconds, args.prompt,
-                                     sampling, args.seed, args.tracker, args.batch_size, val_fraction, split_seed)
+                                     sampling, args.seed, args.tracker, args.batch_size, val_fraction, split_seed,
+                                     split=args.split)
     finish({"model": args.model, "data": str(args.data), "sampling": asdict(sampling), **results}, args.out,
            f"beat F-measure {results['mean']:.3f} with the context, {results['mean_nocontext']:.3f} without, "
            f"{results['mean_reference']:.3f} for the reference stems; fad_encodec {results['fad_encodec']:.4g} "
            f"(without context {results['fad_encodec_nocontext']:.4g}), kad_encodec {results['kad_encodec']:.4g} "
-           f"(without context {results['kad_encodec_nocontext']:.4g})")
+           f"(without context {results['kad_encodec_nocontext']:.4g})" + pitch_summary(results))
+
+
+def run_context(args):
+    from stage_min.eval import evaluation as E
+
+    check_common(args)
+    files = E.probe_files(args.audio)  # a bad --audio fails before the model loads
+    model = load_model(args)
+    sampling = model.sampling_with(**sampling_given(args))
+    results = E.context_experiment(model, files, args.target.lower(), args.out, args.seconds, args.prompt, sampling,
+                                   args.seed, args.tracker, args.batch_size)
+    finish({"model": args.model, "audio": str(args.audio), "sampling": asdict(sampling), **results}, args.out,
+           f"beat F-measure {results['mean']:.3f} with the context, {results['mean_nocontext']:.3f} without "
+           f"(against the beats tracked on each file)" + pitch_summary(results))
+
+
+def pitch_summary(results) -> str:
+    if "mean_pitch_agreement" not in results:
+        return ""
+    line = f"; pitch agreement {results['mean_pitch_agreement']:.3f} with the context, {results['mean_pitch_agreement_nocontext']:.3f} without"
+    return line + (f", {results['mean_pitch_agreement_reference']:.3f} for the reference stems"
+                   if "mean_pitch_agreement_reference" in results else "")
 
 
 def finish(results, out, summary):
@@ -207,7 +262,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         with warnings_via_tqdm():  # a warning goes above the progress bar, not onto its line
-            {"beats": run_beats, "tempo": run_tempo, "accompany": run_accompany}[args.command](args)
+            {"beats": run_beats, "tempo": run_tempo, "accompany": run_accompany, "context": run_context}[args.command](args)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)

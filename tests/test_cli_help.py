@@ -57,7 +57,7 @@ def test_every_option_has_help_and_default(name, monkeypatch):
     parser = build_parser(_entry_points()[name], monkeypatch)
     parsers = list(all_parsers(parser))
     if name == "evaluate.py":
-        assert len(parsers) == 4  # beats, tempo, accompany
+        assert len(parsers) == 5  # beats, tempo, accompany, context
     checked = 0
     for p in parsers:
         formatter = p._get_formatter()

@@ -1,7 +1,8 @@
-"""evaluate.py and stage_min.eval.evaluation: beat scores on click tracks, FAD/KAD, both experiments end to
-end on a tiny random STAGE checkpoint, and every bad input."""
+"""evaluate.py and stage_min.eval.evaluation: beat scores on click tracks, FAD/KAD, pitch agreement on
+synthetic songs, the experiments end to end on a tiny random STAGE checkpoint, and every bad input."""
 import csv
 import importlib.util
+import itertools
 import json
 import subprocess
 import sys
@@ -70,6 +71,44 @@ def test_fad_and_kad_near_zero_for_the_same_set_and_grow_with_noise():
         E.fad(x[:1], x)
 
 
+# ---- pitch agreement ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def toy_songs():
+    from stage_min.toy import synth
+
+    rng = np.random.default_rng(7)
+    return [synth.make_song(rng, 6.0, style=synth.TOY) for _ in range(4)]
+
+
+def test_real_bass_agrees_with_the_chords_and_a_tritone_away_does_not(toy_songs):
+    import librosa
+
+    # measured on these songs: 0.98-1.00 for the real bass, 0.00 a tritone away (docs/evaluation.md)
+    for song in toy_songs:
+        assert E.pitch_agreement(song["bass"], song["chords"], SR) > 0.9
+        assert E.pitch_agreement(song["bass"], song["chords"] + song["drums"], SR) > 0.8  # harmony = the context mix
+        tritone = librosa.effects.pitch_shift(song["bass"], sr=SR, n_steps=6)
+        assert E.pitch_agreement(tritone, song["chords"], SR) < 0.1
+    noise = np.random.default_rng(0).normal(scale=0.1, size=6 * SR).astype(np.float32)
+    assert E.pitch_agreement(noise, toy_songs[0]["chords"], SR) < 0.3  # no pitch: about 1/12
+    assert np.isnan(E.pitch_agreement(np.zeros(6 * SR, np.float32), toy_songs[0]["chords"], SR))
+
+
+def test_chord_roots_match_the_songs_bars(toy_songs):
+    agree, bars = 0, 0
+    for song in toy_songs:
+        roots = E.chord_roots(song["chords"], SR)
+        times = np.arange(len(roots)) * E.PITCH_HOP / E.PITCH_RATE
+        marks = song["chord_roots"] + [(6.0, None)]
+        for (start, root), (end, _) in itertools.pairwise(marks):
+            inside = roots[(times >= start + 0.1) & (times < end) & (roots >= 0)]  # past the chord change
+            if len(inside) >= 5:
+                bars += 1
+                agree += np.bincount(inside, minlength=12).argmax() == root
+    assert bars >= 12 and agree / bars >= 0.9
+    assert E.is_pitched("bass") and E.is_pitched("guitar") and not E.is_pitched("drums")
+
+
 # ---- end to end on a tiny random checkpoint -------------------------------------------------------
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
@@ -96,6 +135,8 @@ def test_tempo_end_to_end(stage_run, tmp_path, capsys):
     assert results["model"] == str(stage_run) and results["bpms"] == [100, 140] and results["seeds"] == [40, 41]
     rows = results["rows"]
     assert sorted((r["bpm"], r["seed"]) for r in rows) == [(100, 40), (100, 41), (140, 40), (140, 41)]
+    assert {r["meter"] for r in rows} == {4} and results["meters"] == [4]
+    assert {r["audio"] for r in rows} == {f"audio/bpm{b}_seed{s}.wav" for b in (100, 140) for s in (40, 41)}  # names as before
     for r in rows:
         for key in ("f_measure", "f_measure_nocontext"):
             assert 0 <= r[key] <= 1
@@ -105,9 +146,33 @@ def test_tempo_end_to_end(stage_run, tmp_path, capsys):
         assert (out / r["audio"].replace(".wav", "_mix.wav")).exists()
     assert results["mean"] == pytest.approx(np.mean([r["f_measure"] for r in rows]))
     assert results["mean_nocontext"] == pytest.approx(np.mean([r["f_measure_nocontext"] for r in rows]))
-    assert [p["bpm"] for p in results["per_bpm"]] == [100, 140]
+    assert [(p["bpm"], p["meter"]) for p in results["per_bpm"]] == [(100, 4), (140, 4)]
+    assert results["per_meter"][0]["f_measure"] == pytest.approx(results["mean"])
     assert {"bpm", "seed", "f_measure", "f_measure_nocontext", "tempo_bpm", "n_beats"} <= set(table[0])
     assert "beats" not in table[0]  # lists stay in the JSON
+
+
+def test_tempo_with_meters(stage_run, tmp_path, capsys, monkeypatch):
+    from stage_min.io import metronome as M
+
+    made = []
+    real = M.metronome
+    monkeypatch.setattr(M, "metronome", lambda bpm, seconds, beats_per_bar=4, **kw: made.append((bpm, beats_per_bar))
+                        or real(bpm, seconds, beats_per_bar, **kw))
+    out = tmp_path / "meters"
+    evaluate.main(["tempo", "--model", str(stage_run), "--bpm", "120,150", "--meter", "3,5", "--seeds", "1",
+                   "--seconds", "1.5", "--out", str(out)])
+    assert "3 beats a bar" in capsys.readouterr().out
+    results, table = read_outputs(out)
+    assert made == [(120, 3), (120, 5), (150, 3), (150, 5)]  # every tempo with every meter
+    assert [(r["bpm"], r["meter"]) for r in results["rows"]] == made and results["meters"] == [3, 5]
+    assert results["rows"][0]["audio"] == "audio/bpm120_m3_seed0.wav" and (out / "audio" / "bpm150_m5_seed0_mix.wav").exists()
+    assert [(p["bpm"], p["meter"]) for p in results["per_bpm"]] == made
+    for p in results["per_meter"]:
+        rows = [r for r in results["rows"] if r["meter"] == p["meter"]]
+        assert p["f_measure"] == pytest.approx(np.mean([r["f_measure"] for r in rows]))
+        assert p["f_measure_nocontext"] == pytest.approx(np.mean([r["f_measure_nocontext"] for r in rows]))
+    assert [p["meter"] for p in results["per_meter"]] == [3, 5] and table[0]["meter"] == "3"
 
 
 def test_accompany_end_to_end(stage_run, dataset, tmp_path, capsys):
@@ -132,6 +197,102 @@ def test_accompany_end_to_end(stage_run, dataset, tmp_path, capsys):
     for suffix in ("generated", "nocontext", "reference", "context", "mix"):
         assert sf.info(str(out / "audio" / f"{row['song']}_{suffix}.wav")).frames == 75 * 640
     assert row["prompt"] == (Path(dataset) / row["song"] / "caption.txt").read_text().strip()
+    assert results["split"] == "held-out" and "pitch_agreement" not in row and "mean_pitch_agreement" not in results
+
+
+def test_accompany_all_songs_of_a_sealed_set_with_pitch(stage_run, dataset, tmp_path, capsys):
+    out = tmp_path / "sealed"
+    evaluate.main(["accompany", "--model", str(stage_run), "--data", str(dataset), "--target", "bass", "--split", "all",
+                   "--seconds", "1.5", "--out", str(out)])
+    assert "pitch agreement" in capsys.readouterr().out
+    results, table = read_outputs(out)
+    assert [r["song"] for r in results["rows"]] == ["song_000", "song_001", "song_002"] and results["split"] == "all"
+    for key in ("pitch_agreement", "pitch_agreement_nocontext", "pitch_agreement_reference"):
+        values = [r[key] for r in results["rows"]]
+        assert all(0 <= v <= 1 for v in values) and key in table[0]
+        assert results[f"mean_{key}"] == pytest.approx(np.mean(values))
+    assert results["mean_pitch_agreement_reference"] > 0.8  # the real bass plays the chords' roots
+    assert all(sorted(r["context_stems"]) == ["chords", "drums"] for r in results["rows"])
+
+
+def test_long_stems_only_for_models_that_generate_in_windows(stage_run, tmp_path, monkeypatch):
+    """A 20 s song, past the 30 s of positions that context and stem share: refused for a STAGE model
+    without a window; a window model gets the whole span of the song as its context, in windows."""
+    import torch
+
+    from stage_min import songs
+    from stage_min.io.pretrained import from_pretrained
+    from stage_min.toy.synth import write_dataset
+
+    data = write_dataset(tmp_path / "long", 2, seconds=20.0)
+    model = from_pretrained(str(stage_run))
+    with pytest.raises(E.EvalError, match="at most 14.98 for this model"):
+        E.accompany_experiment(model, data, "bass", tmp_path / "o", seconds=20.0, split="all", progress=False)
+    with pytest.raises(E.EvalError, match="at most 600"):
+        E.check_seconds(601.0)
+    beds = []
+
+    def fake_windows(model, songs_, prompts, drop_context=False, **kw):  # the real windows: tests/test_songs.py
+        beds.append((drop_context, [np.asarray(s) for s in songs_]))
+        return [(torch.full((len(s),), 0.1), torch.zeros(4, len(s) // 640, dtype=torch.long)) for s in songs_]
+
+    monkeypatch.setattr(songs, "accompany_songs", fake_windows)
+    model.window_frames = 100  # a model trained on 2 s windows, as the toy
+    E.check_seconds(600.0, model)
+    results = E.accompany_experiment(model, data, "bass", tmp_path / "o", seconds=20.0, split="all", progress=False)
+    (_, contexts), (dropped, silence) = beds
+    assert dropped and all(not s.any() for s in silence)  # the baseline: text alone, in windows too
+    from stage_min.train.data import find_songs, load_stem
+
+    for song, context in zip(find_songs(data), contexts):  # the context: the whole 20 s of the other stems
+        expected = sum(load_stem(song.stems[s], SR) for s in ("drums", "chords"))[: 20 * SR]
+        assert len(context) == 20 * SR and np.allclose(context, expected, atol=1e-5)
+    assert [r["start_s"] for r in results["rows"]] == [0.0, 0.0]
+    assert sf.info(str(tmp_path / "o" / results["rows"][0]["audio"])).frames == 20 * SR
+
+
+def test_context_probe_on_click_tracks(stage_run, tmp_path, capsys):
+    """Recordings as contexts: here click tracks, whose tracked beats must be their clicks."""
+    d = tmp_path / "recordings"
+    d.mkdir()
+    sf.write(d / "a.wav", metronome(120, 3.0), SR)
+    stereo = np.stack([metronome(100, 3.0, sample_rate=44100)] * 2, axis=1)
+    sf.write(d / "b.flac", stereo, 44100)  # stereo at another rate: mixed down, resampled
+    sf.write(d / "c.wav", metronome(150, 2.0), SR)  # shorter than --seconds: all of it
+    (d / "a-desc.txt").write_text("rock drums\n")
+    (d / "b.txt").write_text("lofi drums\n")
+    (d / "notes.md").write_text("not audio")
+    out = tmp_path / "probe"
+    evaluate.main(["context", "--model", str(stage_run), "--audio", str(d), "--seconds", "2.5", "--out", str(out),
+                   "--prompt", "drums"])
+    assert "tracked on each file" in capsys.readouterr().out
+    results, table = read_outputs(out)
+    rows = results["rows"]
+    assert [r["song"] for r in rows] == ["a.wav", "b.flac", "c.wav"] and results["n_files"] == 3
+    assert [r["prompt"] for r in rows] == ["rock drums", "lofi drums", "drums"]
+    assert [r["seconds"] for r in rows] == [2.5, 2.5, 2.0]
+    for r, bpm in zip(rows, (120, 100, 150)):
+        clicks = beat_times(bpm, r["seconds"])
+        assert E.f_measure(clicks, r["reference_beats"]) >= 0.9 and len(r["reference_beats"]) == len(clicks)
+        for key in ("f_measure", "f_measure_nocontext"):
+            assert 0 <= r[key] <= 1
+        for key in ("audio", "audio_nocontext"):
+            assert sf.info(str(out / r[key])).frames == round(r["seconds"] * SR)
+        assert (out / r["audio"].replace("_generated", "_mix")).exists()
+    assert results["mean"] == pytest.approx(np.mean([r["f_measure"] for r in rows]))
+    assert "pitch_agreement" not in rows[0] and table[2]["song"] == "c.wav"
+
+
+def test_context_probe_one_file_pitched_target(stage_run, tmp_path):
+    from stage_min.io.pretrained import from_pretrained
+
+    sf.write(tmp_path / "song.wav", metronome(120, 2.0), SR)
+    model = from_pretrained(str(stage_run))
+    results = E.context_experiment(model, E.probe_files(tmp_path / "song.wav"), "bass", tmp_path / "o", seconds=1.5,
+                                   progress=False)
+    row, = results["rows"]
+    assert row["prompt"] == "" and row["seconds"] == 1.5 and "pitch_agreement_reference" not in row
+    assert "pitch_agreement" in row and "pitch_agreement_nocontext" in row and "mean_pitch_agreement" in results
 
 
 def test_codec_embeddings_are_pre_quantisation_latents_per_frame(stage_run):
@@ -146,6 +307,7 @@ def test_codec_embeddings_are_pre_quantisation_latents_per_frame(stage_run):
 def bad_cases(d, model, data):
     tempo = ["tempo", "--model", model, "--out", f"{d}/out", "--seconds", "1"]
     acc = ["accompany", "--model", model, "--target", "drums", "--out", f"{d}/out", "--seconds", "1"]
+    probe = ["context", "--model", model, "--out", f"{d}/out", "--seconds", "1"]
     return [
         (["beats", f"{d}/missing.wav", "--bpm", "120"], "no such file"),
         (["beats", f"{d}/click.wav"], "give the reference as --bpm or as --beats"),
@@ -169,6 +331,18 @@ def bad_cases(d, model, data):
         (acc + ["--data", str(data), "--target", "piano"], "has a 'piano' stem"),
         (acc + ["--data", f"{d}/silent"], "no usable held-out song"),
         (acc + ["--data", str(data), "--songs", "0"], "--songs must be >= 1"),
+        (acc + ["--data", str(data), "--split", "train"], "invalid choice"),
+        (acc + ["--data", str(data), "--split", "all", "--target", "piano"], "no song in"),
+        (acc + ["--data", f"{d}/silent", "--split", "all"], "no usable song"),
+        (tempo + ["--bpm", "120", "--meter", "0"], "every meter must be 1 to 16"),
+        (tempo + ["--bpm", "120", "--meter", "4,x"], "'x' is not a whole number"),
+        (tempo + ["--bpm", "120", "--meter", "3,3"], "3 is given twice"),
+        (tempo + ["--bpm", "120", "--seconds", "601"], "--seconds at most 600"),
+        (probe + ["--audio", f"{d}/missing.wav"], "no such file or folder"),
+        (probe + ["--audio", f"{d}/empty"], "holds no .wav, .flac, .mp3 file"),
+        (probe + ["--audio", f"{d}/garbage.wav"], "cannot read audio"),
+        (probe + ["--audio", f"{d}/short"], "too short to track beats"),
+        (probe + ["--audio", f"{d}/prompt_latin1"], "not UTF-8 text"),
     ]
 
 
@@ -176,6 +350,13 @@ def make_bad_inputs(d: Path):
     sf.write(d / "click.wav", metronome(120, 2.0), SR)
     (d / "bad_beats.txt").write_text("0.5\nabc\n")
     (d / "empty").mkdir()
+    (d / "empty" / "notes.txt").write_text("no audio here")
+    (d / "garbage.wav").write_bytes(b"RIFF\x00\x00not a wave file")
+    (d / "short").mkdir()
+    sf.write(d / "short" / "a.wav", metronome(120, 0.5), SR)
+    (d / "prompt_latin1").mkdir()
+    sf.write(d / "prompt_latin1" / "a.wav", metronome(120, 1.5), SR)
+    (d / "prompt_latin1" / "a.txt").write_bytes("caf\xe9 drums".encode("latin-1"))
     for song in ("a", "b"):  # two songs (one held out), both silent
         (d / "silent" / song).mkdir(parents=True)
         for stem in ("drums", "bass"):

@@ -118,13 +118,7 @@ def make_song(rng: np.random.Generator, seconds: float, sr: int = SAMPLE_RATE, s
     minor = bool(rng.random() < 0.5)
     root_hz = 55.0 * 2 ** (((root - 9) % 12) / 12)  # A1 = 55 Hz, so roots sit in 55..104 Hz
     per_bar = style.meters[int(rng.integers(len(style.meters)))] if len(style.meters) > 1 else style.meters[0]
-    if style.kits:
-        kit_name = style.kits[int(rng.integers(len(style.kits)))]
-        kit = KITS[kit_name]
-        kick_hz, snare_hz, hat_hz = kit["kick"], kit["snare"], kit["hat"]
-    else:
-        kit_hz = 40.0 * 2 ** (root / 6)  # the kit follows the key over two octaves: low keys, low kits
-        kick_hz, snare_hz, hat_hz = kit_hz, kit_hz * 4, kit_hz * 40
+    kit_name, (kick_hz, snare_hz, hat_hz) = _draw_kit(rng, style, root)
     busy = bool(rng.random() < 0.5)  # busy songs: hats on sixteenths and chord stabs on eighths
     third = 3 if minor else 4
     n = int(seconds * sr)
@@ -184,24 +178,40 @@ def make_song(rng: np.random.Generator, seconds: float, sr: int = SAMPLE_RATE, s
         start += per_bar * period
         bar += 1
     beats_in = [(t, p) for t, p in zip(beats, positions) if t < seconds]
-    name = f"{NOTES[root]} {'minor' if minor else 'major'}"
-    pace = "slow" if bpm < 110 else "fast" if bpm > 130 else "mid-tempo"
-    if style.kits:  # the official models' caption form (docs/original.md#captions)
-        mood = "calm, relaxed" if bpm < 100 else "energetic, upbeat" if bpm > 140 else "groovy"
-        caption = f"Genres: {KITS[kit_name]['genres']}. Moods: {mood}. "
-    else:
-        caption = f"{pace} groove with drums, bass and chords in {name}"
     song = {"drums": drums.astype(np.float32), "bass": bass.astype(np.float32), "chords": chords.astype(np.float32),
-            "beats": beats_in, "caption": caption, "bpm": bpm, "beats_per_bar": per_bar,
+            "beats": beats_in, "caption": _caption(kit_name, bpm, root, minor), "bpm": bpm, "beats_per_bar": per_bar,
             "chord_roots": chord_roots, "events": {part: [e for e in ev if e[0] < n] for part, ev in events.items()}}
     if style.sounds == "gm":  # drawn last, so that the notes are those of the numpy song of the same seed
-        from .gm import BASS_PROGRAMS, CHORD_PROGRAMS, DRUM_KITS
-
-        kits = DRUM_KITS[kit_name] if style.kits else DRUM_KITS["rock"]
-        song["programs"] = {"drums": int(kits[int(rng.integers(len(kits)))]),
-                            "bass": int(BASS_PROGRAMS[int(rng.integers(len(BASS_PROGRAMS)))]),
-                            "chords": int(CHORD_PROGRAMS[int(rng.integers(len(CHORD_PROGRAMS)))])}
+        song["programs"] = _draw_programs(rng, kit_name)
     return song
+
+
+def _draw_kit(rng: np.random.Generator, style: Style, root: int) -> tuple:
+    """(kit name or None, (kick, snare, hat) Hz): one of style.kits, else a kit tuned to the key."""
+    if style.kits:
+        kit_name = style.kits[int(rng.integers(len(style.kits)))]
+        kit = KITS[kit_name]
+        return kit_name, (kit["kick"], kit["snare"], kit["hat"])
+    kit_hz = 40.0 * 2 ** (root / 6)  # the kit follows the key over two octaves: low keys, low kits
+    return None, (kit_hz, kit_hz * 4, kit_hz * 40)
+
+
+def _caption(kit_name: str | None, bpm: float, root: int, minor: bool) -> str:
+    if kit_name is not None:  # the official models' caption form (docs/original.md#captions)
+        mood = "calm, relaxed" if bpm < 100 else "energetic, upbeat" if bpm > 140 else "groovy"
+        return f"Genres: {KITS[kit_name]['genres']}. Moods: {mood}. "
+    pace = "slow" if bpm < 110 else "fast" if bpm > 130 else "mid-tempo"
+    return f"{pace} groove with drums, bass and chords in {NOTES[root]} {'minor' if minor else 'major'}"
+
+
+def _draw_programs(rng: np.random.Generator, kit_name: str | None) -> dict:
+    """General MIDI programs for a gm song: a drum kit of the song's kit family, a bass, a chord instrument."""
+    from .gm import BASS_PROGRAMS, CHORD_PROGRAMS, DRUM_KITS
+
+    kits = DRUM_KITS[kit_name] if kit_name is not None else DRUM_KITS["rock"]
+    return {"drums": int(kits[int(rng.integers(len(kits)))]),
+            "bass": int(BASS_PROGRAMS[int(rng.integers(len(BASS_PROGRAMS)))]),
+            "chords": int(CHORD_PROGRAMS[int(rng.integers(len(CHORD_PROGRAMS)))])}
 
 
 def write_dataset(folder, n_songs: int, seconds: float = 20.0, seed: int = 0, sr: int = SAMPLE_RATE, style: Style = Style()):
