@@ -62,11 +62,12 @@ def test_codec_recipe_runs_and_fits_codebooks():
     assert roundtrip(model, audio).shape == audio.shape
 
 
-def test_toy_rebuild_command_runs_a_few_steps(tmp_path):
+def test_toy_rebuild_command_runs_a_few_steps(tmp_path, monkeypatch):
     """`python -m stage_min.toy` end to end at toy-of-a-toy size: songs, codec, base, both LMs, package;
     then resumed: every phase is found done, and the report lists their times."""
-    from stage_min.toy import recipe as toy
+    from stage_min.io.loading import follow_latest
     from stage_min.io.pretrained import from_pretrained
+    from stage_min.toy import recipe as toy
 
     out, work = tmp_path / "model", tmp_path / "work"
     args = [str(out), "--work", str(work), "--songs", "5", "--song-seconds", "5", "--steps", "3", "--no-eval",
@@ -83,7 +84,7 @@ def test_toy_rebuild_command_runs_a_few_steps(tmp_path):
         run = work / f"lm-{target}"
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert {m["step"]: m["lr"] for m in metrics if "lr" in m}[3] == 5e-4  # the last step is the cooldown's
-        train = json.loads((run / "latest" / "config.json").read_text())["train"]
+        train = json.loads((follow_latest(run) / "config.json").read_text())["train"]
         assert train["data_cfg"]["target"] == target and train["data_cfg"]["context_stems"] == context.split(",")
         assert train["lr"] == 1e-3 and train["cooldown_steps"] == 1
     codec_report = json.loads((work / "codec" / "report.json").read_text())
@@ -97,6 +98,30 @@ def test_toy_rebuild_command_runs_a_few_steps(tmp_path):
     assert json.loads((work / "phases.json").read_text()) == phases
     report = toy.report(work)
     assert "lm " in report and "in all:" in report
+    # the evaluation phases, on sets of a song or two: both models, both sets, the probe on the sealed one
+    monkeypatch.setattr(toy, "VALIDATION", toy.EvalSet("validation", bpms=(120,), meters=(3, 4), seeds=(0,), songs_seed=7,
+                                                       n_songs=2, diagnostics=True))
+    monkeypatch.setattr(toy, "SEALED", toy.EvalSet("sealed", bpms=(130,), meters=(5,), seeds=(9,), songs_seed=8, n_songs=1,
+                                                   long_seed=9, n_long=1))
+    monkeypatch.setattr(toy, "EVAL_SECONDS", 2.0)
+    monkeypatch.setattr(toy, "LONG_SECONDS", 4.0)
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    import soundfile as sf
+
+    from stage_min.io.metronome import metronome
+    sf.write(probe / "clicks.wav", metronome(100.0, 3.0), 32000)
+    toy.main([a for a in args if a != "--no-eval"] + ["--probe", str(probe)])
+    val = json.loads((work / "eval" / "validation" / "summary.json").read_text())
+    sealed = json.loads((work / "eval" / "sealed" / "summary.json").read_text())
+    assert {"tempo_f1", "tempo_f1_nocontext", "tempo_f1_m3", "tempo_f1_m4", "songs_f1", "songs_f1_reference",
+            "songs_bass_only_f1", "songs_chords_only_f1"} <= set(val["drums"])
+    assert {"tempo_f1_m5", "songs_f1", "long_f1", "probe_f1", "probe_f1_nocontext"} <= set(sealed["drums"])
+    assert {"songs_f1", "songs_pitch", "songs_pitch_nocontext", "songs_pitch_reference", "long_pitch"} <= set(sealed["bass"])
+    assert sealed["bass"]["songs_pitch_reference"] > 0.8  # the real bass plays the chords' roots
+    assert list(json.loads((work / "phases.json").read_text()))[-2:] == ["eval-validation", "eval-sealed"]
+    table = toy.report(work)
+    assert "sealed" in table.splitlines()[0] and "validation" in table.splitlines()[0] and "songs_pitch" in table
 
 
 @pytest.mark.skipif(not (TOY / "config.json").exists(), reason="weights/stage-toy is not built")

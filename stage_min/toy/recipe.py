@@ -74,12 +74,14 @@ class EvalSet:
     n_songs: int
     long_seed: int | None = None
     n_long: int = 0
+    diagnostics: bool = False  # also the songs with one context stem only (bass, or chords): what the drums follow
 
 
 # validation: what temperatures, checkpoints and recipes were chosen on; sealed: only ever measured
-VALIDATION = EvalSet("validation", bpms=(80, 100, 120, 140, 160), meters=(3, 4, 5), seeds=(0, 1), songs_seed=500, n_songs=24)
+VALIDATION = EvalSet("validation", bpms=(80, 100, 120, 140, 160), meters=(3, 4, 5), seeds=(0, 1), songs_seed=500,
+                     n_songs=24, diagnostics=True)
 SEALED = EvalSet("sealed", bpms=(72, 94, 116, 138, 160, 178), meters=(3, 4, 5), seeds=(100, 101, 102, 103),
-                 songs_seed=1000, n_songs=24, long_seed=2000, n_long=6)
+                 songs_seed=1000, n_songs=24, long_seed=2000, n_long=4)
 
 
 def log(msg: str):
@@ -120,6 +122,14 @@ def eval_songs(work: Path, s: "EvalSet"):
     make_songs(work / f"{s.name}-songs", s.n_songs, EVAL_SECONDS + 2, s.songs_seed)
     if s.long_seed is not None:
         make_songs(work / f"{s.name}-long", s.n_long, LONG_SECONDS, s.long_seed)
+    if s.diagnostics:  # the same songs, one context stem each (links, not copies)
+        for kept in ("bass", "chords"):
+            for song in sorted((work / f"{s.name}-songs").glob("song_*")):
+                d = work / f"{s.name}-songs-{kept}-only" / song.name
+                d.mkdir(parents=True, exist_ok=True)
+                for f in ("drums.wav", f"{kept}.wav", "beats.txt", "caption.txt"):
+                    if not (d / f).exists():
+                        (d / f).symlink_to((song / f).resolve())
 
 
 def make_codec(folder: Path, cfg):
@@ -214,13 +224,19 @@ def evaluate_drums(model_dir: Path, work: Path, s: EvalSet, out: Path, probe: Pa
     first_seed = s.seeds[0]
     tempo = _saved(E.tempo_experiment(model, list(s.bpms), list(s.seeds), EVAL_SECONDS, "", out / "tempo", meters=s.meters),
                    out / "tempo")
-    summary = {"tempo_f1": tempo["mean"], "tempo_f1_nocontext": tempo["mean_nocontext"],
-               "tempo_f1_per_meter": {str(m["meter"]): m["f_measure"] for m in tempo["per_meter"]}}
+    summary = {"tempo_f1": tempo["mean"], "tempo_f1_nocontext": tempo["mean_nocontext"]}
+    for m in tempo["per_meter"]:
+        summary.update({f"tempo_f1_m{m['meter']}": m["f_measure"], f"tempo_f1_m{m['meter']}_nocontext": m["f_measure_nocontext"]})
     summary.update(_songs(model, "drums", work / f"{s.name}-songs", out / "songs", EVAL_SECONDS, first_seed, "songs"))
+    if s.diagnostics:
+        for kept in ("bass", "chords"):
+            summary.update(_songs(model, "drums", work / f"{s.name}-songs-{kept}-only", out / f"songs-{kept}-only",
+                                  EVAL_SECONDS, first_seed, f"songs_{kept}_only"))
     if s.long_seed is not None:
         summary.update(_songs(model, "drums", work / f"{s.name}-long", out / "long", LONG_SECONDS, first_seed, "long"))
     if probe is not None:
-        res = _saved(E.context_experiment(model, probe, "drums", out / "probe", seconds=10.0, seed=first_seed), out / "probe")
+        res = _saved(E.context_experiment(model, E.probe_files(probe), "drums", out / "probe", seconds=10.0, seed=first_seed),
+                     out / "probe")
         summary.update(probe_f1=res["mean"], probe_f1_nocontext=res["mean_nocontext"])
     return summary
 
