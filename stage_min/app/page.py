@@ -28,6 +28,8 @@ from ..io.loading import LoadError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = "weights/stage-toy"  # the shipped toy STAGE model (drums; 2 s windows)
+BASS_TOY = "weights/stage-toy-bass"  # the shipped toy bass model, stacked in the page's example
+EXAMPLE_SONG = "weights/examples/chords-only.ogg"  # 12 s of piano chords, 118 BPM: drums, then bass, over it
 DEFAULT_ROOTS = ("weights", "runs")  # the folders models are loaded from (app.py --model-root adds more)
 SAMPLE_RATE = 32000  # EnCodec 32 kHz
 FRAME_RATE = 50
@@ -435,7 +437,11 @@ def build_page(generator: Generator, model: str = DEFAULT_MODEL) -> gr.Blocks:
                                       elem_id="stem_name", scale=1)
                 notice = gr.Markdown(model_notice(model, roots), elem_id="model_notice")
                 stack = gr.Textbox(label=f"Then stack up to {MAX_STACK} more stems (optional): name=model, comma separated",
-                                   value="", placeholder="bass=runs/bass, keys=runs/keys (models you trained)", elem_id="stack")
+                                   value="", placeholder=f"bass={BASS_TOY}, keys=runs/keys", elem_id="stack")
+                if (ROOT / EXAMPLE_SONG).is_file() and (ROOT / BASS_TOY / "config.json").is_file():
+                    # the two shipped toys stacked over a chords-only song: drums first, then bass over both
+                    gr.Examples([[str(ROOT / EXAMPLE_SONG), f"bass={BASS_TOY}", "rock, indie", "groovy"]],
+                                [song, stack, genres, moods], label="Example: drums, then bass, over a chords-only song")
                 own = recommended_sampling(model, roots)  # the default model's own settings (the toy: its temperature)
                 with gr.Accordion("Sampling", open=False):
                     guidance = gr.Slider(1.0, 10.0, value=own.cfg_coef, step=0.5, label="Guidance (1 = off)")
