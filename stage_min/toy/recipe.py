@@ -293,12 +293,12 @@ def report(work: Path) -> str:
             sets[s.name] = json.loads(f.read_text())
     lines = []
     if sets:
-        lines.append(f"{'model':6} {'measure':24} " + " ".join(f"{n:>10}" for n in sets))
+        lines.append(f"{'model':6} {'measure':34} " + " ".join(f"{n:>10}" for n in sets))
         for model in ("drums", "bass"):
             keys = sorted({k for v in sets.values() for k, x in v[model].items() if not isinstance(x, dict)})
             for k in keys:
                 values = [v[model].get(k) for v in sets.values()]
-                lines.append(f"{model:6} {k:24} " + " ".join(f"{x:10.3f}" if isinstance(x, (int, float)) else f"{'-':>10}" for x in values))
+                lines.append(f"{model:6} {k:34} " + " ".join(f"{x:10.3f}" if isinstance(x, (int, float)) else f"{'-':>10}" for x in values))
     phases = work / "phases.json"
     if phases.exists():
         times = json.loads(phases.read_text())
