@@ -68,3 +68,17 @@ def test_midi_ticks_are_samples(tmp_path):
     on_times = [t for t, m in zip(times, midi) if m.type == "note_on" and m.velocity > 0]
     assert [m.note for m in starts] == [36, 38] and np.allclose(on_times, [1.0, 1.5])
     assert [m.program for m in midi if m.type == "program_change"] == [25]
+
+
+@needs_fluidsynth
+def test_synth_command_writes_gm_songs(tmp_path):
+    import soundfile as sf
+
+    synth.main([str(tmp_path / "gm"), "--songs", "2", "--seconds", "2", "--seed", "4", "--sounds", "gm"])
+    synth.main([str(tmp_path / "plain"), "--songs", "2", "--seconds", "2", "--seed", "4"])
+    for song in ("song_000", "song_001"):
+        gm_drums, sr = sf.read(tmp_path / "gm" / song / "drums.wav", dtype="float32")
+        plain = sf.read(tmp_path / "plain" / song / "drums.wav", dtype="float32")[0]
+        assert sr == synth.SAMPLE_RATE and len(gm_drums) == len(plain) == 2 * sr
+        assert abs(np.abs(gm_drums).max() - gm.PEAK["drums"]) < 1e-3 and not np.allclose(gm_drums, plain, atol=1e-2)
+    assert (tmp_path / "gm" / "song_000" / "beats.txt").read_text() == (tmp_path / "plain" / "song_000" / "beats.txt").read_text()

@@ -1,6 +1,7 @@
-"""Procedural stems for offline training runs: drums, bass and chords, numpy only.
+"""Procedural stems for offline training runs: drums, bass and chords, drawn as notes and played by numpy
+one-shots or (`--sounds gm`) by FluidSynth on General MIDI instruments (gm.py).
 
-    python -m stage_min.toy.synth DIR --songs 16 [--seconds 20] [--seed 0] [--overwrite]
+    python -m stage_min.toy.synth DIR --songs 16 [--seconds 20] [--seed 0] [--sounds synth|gm] [--overwrite]
 
 writes DIR/song_000/{drums,bass,chords}.wav, beats.txt (one `<seconds> <position in bar>` line per
 beat) and caption.txt, i.e. the plain layout that `stage_min.train.data` reads. DIR must be new or empty
@@ -290,11 +291,13 @@ def main(argv=None):
     p.add_argument("--songs", type=int, default=16, help="songs to write")
     p.add_argument("--seconds", type=float, default=20.0, help="length of each song")
     p.add_argument("--seed", type=int, default=0, help="seed of the whole dataset")
+    p.add_argument("--sounds", choices=("synth", "gm"), default="synth", help="numpy one-shots, or sampled GM "
+                   "instruments (FluidSynth and a GM soundfont; numpy's sounds, with a warning, without them)")
     p.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty (replacing its songs)")
     args = p.parse_args(argv)
     try:
         check_args(args)
-        write_dataset(args.folder, args.songs, args.seconds, args.seed)
+        write_dataset(args.folder, args.songs, args.seconds, args.seed, style=replace(Style(), sounds=args.sounds))
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
