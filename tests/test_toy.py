@@ -125,17 +125,19 @@ def test_toy_rebuild_command_runs_a_few_steps(tmp_path, monkeypatch):
     assert "sealed" in table.splitlines()[0] and "validation" in table.splitlines()[0] and "songs_pitch" in table
 
 
-@pytest.mark.skipif(not (TOY / "config.json").exists(), reason="weights/stage-toy is not built")
-def test_shipped_toy_loads_small_and_fp16():
+@pytest.mark.parametrize("folder", [TOY, BASS], ids=["drums", "bass"])
+def test_shipped_toy_loads_small_and_fp16(folder):
     from safetensors import safe_open
 
     from stage_min.io.pretrained import from_pretrained
 
-    size = sum(f.stat().st_size for f in TOY.iterdir())
+    if not (folder / "config.json").exists():
+        pytest.skip(f"{folder} is not built")
+    size = sum(f.stat().st_size for f in folder.iterdir())
     assert size <= 20 * 2**20
-    with safe_open(str(TOY / "model.safetensors"), framework="pt") as f:
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
         assert f.get_tensor(next(k for k in f.keys() if k.startswith("lm."))).dtype == torch.float16
-    model = from_pretrained(str(TOY))
+    model = from_pretrained(str(folder))
     assert next(model.lm.parameters()).dtype == torch.float32
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
