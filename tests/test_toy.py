@@ -253,6 +253,24 @@ def test_the_two_toys_stack_over_the_example_song(tmp_path):
     assert not np.allclose(outputs["drums"][:32000], outputs["bass"][:32000], atol=1e-2)
 
 
+def test_toy_rebuild_failure_is_one_line_and_resumable(tmp_path, capsys, monkeypatch):
+    """A phase that fails (here: FluidSynth dying mid-render) stops the rebuild with one line that says how
+    to resume; the phases done before it stay done."""
+    from stage_min.toy import recipe as toy
+
+    def broken(*a, **k):
+        raise gm.RenderError("fluidsynth failed (-11): segmentation fault")
+
+    monkeypatch.setattr(toy, "make_codec", broken)
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit) as exit_:
+        toy.main([str(tmp_path / "model"), "--work", str(work), "--songs", "2", "--song-seconds", "2", "--no-eval"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 1 and err[-1].startswith("error: fluidsynth failed") and "resume" in err[-1]
+    phases = json.loads((work / "phases.json").read_text())
+    assert phases["songs"]["done"] and not phases["codec"]["done"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--cooldown-steps", "5", "--steps", "5"], "--cooldown-steps must be below --steps"),
     (["--probe", "/nonexistent"], "no such folder"),

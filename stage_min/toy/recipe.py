@@ -362,6 +362,15 @@ def main(argv=None):
                                  kmeans_frames=min(CodecTrainConfig.kmeans_frames, a.codec_songs * 2000),
                                  check_songs=min(CodecTrainConfig.check_songs, a.codec_songs))
     work.mkdir(parents=True, exist_ok=True)
+    try:
+        run_phases(a, work, codec_cfg)
+    except (RuntimeError, OSError, ValueError, LoadError) as e:  # a failed phase: its progress is kept, say why in one line
+        print(f"error: {e} (run the same command again to resume; {work / 'phases.json'} says what is done)", file=sys.stderr)
+        sys.exit(1)
+    print(report(work))
+
+
+def run_phases(a, work: Path, codec_cfg):
     cooldown = (a.cooldown_steps, a.cooldown_lr)
     out, bass_out = Path(a.out), Path(a.bass_out)
     run_phase(work, "songs", lambda: make_songs(work / "songs", a.songs, a.song_seconds, a.seed))
@@ -373,7 +382,6 @@ def main(argv=None):
         probe = Path(a.probe) if a.probe else None
         for s in (VALIDATION, SEALED):
             run_phase(work, f"eval-{s.name}", lambda s=s: evaluate_set(work, s, out, bass_out, probe if s is SEALED else None))
-    print(report(work))
 
 
 if __name__ == "__main__":
