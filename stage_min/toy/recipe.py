@@ -6,8 +6,8 @@
 Phases, each kept in the work folder so that a stopped run (a session can end mid-way) picks up where it
 was; each phase's wall time goes to WORK/phases.json:
 1. songs: synthetic songs in `synth.TOY_GM` style (70-180 BPM, 3/4, 4/4 and 5/4; drums, bass and chords
-   played by FluidSynth on General MIDI kits and programs, gm.py) -> WORK/songs, and the evaluation
-   songs of the validation and sealed sets (below);
+   played by FluidSynth on General MIDI kits and programs, gm.py) -> WORK/songs (each evaluation phase
+   draws its own set's songs);
 2. codec: a small EnCodec-architecture codec trained on such audio (`codec_train`) -> WORK/codec, with
    its measurements on held-out songs (`codec_train.codec_report`) in WORK/codec/report.json;
 3. base: a tiny random T5 and sentencepiece model with that codec, in transformers' layout -> WORK/base;
@@ -17,7 +17,8 @@ was; each phase's wall time goes to WORK/phases.json:
 5. package: each run exported self-contained (native layout, fp16) with the window it was trained on
    and its sampling temperature -> OUT and --bass-out;
 6. eval-validation, eval-sealed: evaluate.py's experiments on the two sets below -> WORK/eval/SET, and
-   a table of both (also `--report`).
+   a table of both (also `--report`). A phase that fails stops the command with one line; the same
+   command resumes it.
 
 Two sets, drawn apart: every choice (checkpoint, temperature, recipe) is made on VALIDATION; SEALED
 (tempi, seeds and song seeds no run trains or chooses on) gives the model cards' headline numbers.
