@@ -24,7 +24,6 @@ SOUNDFONTS = ("/usr/share/sounds/sf2/TimGM6mb.sf2", "/usr/share/sounds/sf2/defau
               "/usr/share/sounds/sf2/FluidR3_GM.sf2")
 GAP_SECONDS = 3.0  # silence between songs in one rendering: longer than any release tail
 DRUM_CHANNEL = 9  # GM's channel 10
-KICK, SNARE, HAT = 36, 38, 42  # GM drum notes: bass drum 1, acoustic snare, closed hi-hat
 # two GM drum kits for each of the toy's caption kits (bank 128 presets of TimGM6mb)
 DRUM_KITS = {"rock": (16, 0), "electronic": (25, 24), "lofi": (32, 8)}  # Power/Standard, TR-808/Electronic, Jazz/Room
 BASS_PROGRAMS = (33, 34, 38)  # fingered, picked, synth bass 1
@@ -92,10 +91,10 @@ def render_songs(songs: list, seconds: float, sample_rate: int) -> None:
     (synth.make_song's), in place. Each part is rendered once for all songs."""
     import soundfile as sf
 
-    font = soundfont()
-    if font is None or not available():
+    if not available():
         raise RenderError("FluidSynth, mido or a GM soundfont is missing (apt install fluidsynth timgm6mb-soundfont; "
                           "pip install mido)")
+    font = soundfont()
     n = int(seconds * sample_rate)
     stride = n + int(GAP_SECONDS * sample_rate)
     with tempfile.TemporaryDirectory(prefix="stage-gm-") as tmp:

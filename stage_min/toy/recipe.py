@@ -111,7 +111,7 @@ def run_phase(work: Path, name: str, fn):
         write_atomic(record, lambda p: Path(p).write_text(json.dumps(phases, indent=2) + "\n"))
 
 
-def make_songs(folder: Path, n_songs: int, seconds: float, seed: int):
+def write_songs(folder: Path, n_songs: int, seconds: float, seed: int):
     if (folder / "done").exists():
         return
     synth.write_dataset(folder, n_songs, seconds, seed, style=synth.TOY_GM)
@@ -120,9 +120,9 @@ def make_songs(folder: Path, n_songs: int, seconds: float, seed: int):
 
 def eval_songs(work: Path, s: "EvalSet"):
     """The set's songs: 10 s ones for the 8 s windows (a window starts where every part plays), whole ones."""
-    make_songs(work / f"{s.name}-songs", s.n_songs, EVAL_SECONDS + 2, s.songs_seed)
+    write_songs(work / f"{s.name}-songs", s.n_songs, EVAL_SECONDS + 2, s.songs_seed)
     if s.long_seed is not None:
-        make_songs(work / f"{s.name}-long", s.n_long, LONG_SECONDS, s.long_seed)
+        write_songs(work / f"{s.name}-long", s.n_long, LONG_SECONDS, s.long_seed)
     if s.diagnostics:  # the same songs, one context stem each (links, not copies)
         for kept in ("bass", "chords"):
             for song in sorted((work / f"{s.name}-songs").glob("song_*")):
@@ -374,7 +374,7 @@ def main(argv=None):
 def run_phases(a, work: Path, codec_cfg):
     cooldown = (a.cooldown_steps, a.cooldown_lr)
     out, bass_out = Path(a.out), Path(a.bass_out)
-    run_phase(work, "songs", lambda: make_songs(work / "songs", a.songs, a.song_seconds, a.seed))
+    run_phase(work, "songs", lambda: write_songs(work / "songs", a.songs, a.song_seconds, a.seed))
     run_phase(work, "codec", lambda: make_codec(work / "codec", codec_cfg))
     run_phase(work, "base", lambda: make_base(work / "base", work / "codec", a.seed))
     run_phase(work, "lm", lambda: train_lms(work, a.steps, a.seed, cooldown))
